@@ -1,0 +1,511 @@
+"""The typed config tree of one run, loaded from YAML plus dotted command-line overrides.
+
+Every section is a pydantic model with ``extra="forbid"``: a misspelled key is an error, never a silent
+default. Cross-field rules (``clients_per_round <= num_clients``, Krum/Bulyan's client counts, ...) are
+checked at load, before Ray starts, and every error names the field path, the bad value, the rule and a
+fix. Values that can be derived (malicious client count, the attacker count ``f: expected``) are
+computed here and written into the resolved config, never repeated by hand.
+
+Example:
+    >>> cfg = load_config("configs/quickstart.yaml", ["federation.rounds=2", "aggregator.name=krum"])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray_fedit.errors import ConfigError
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors; values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# ----------------------------------------------------------------------------------------- model
+class TinyModelConfig(Section):
+    """Architecture of the tiny random Llama used for mechanics tests (``model.name: tiny-random-llama``)."""
+
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 128
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}, "
+                f"and num_heads by num_kv_heads={self.num_kv_heads}"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """The base LLM. ``name`` is the bundled offline model, the tiny test model, a hub id or a directory."""
+
+    name: str = Field(BUNDLED_MODEL, description=f"{BUNDLED_MODEL!r} (offline, bundled), "
+                      f"{TINY_MODEL!r}, a Hugging Face hub id, or a local HF model directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class LoraConfig(Section):
+    """LoRA adapter shape (paper: r=32, alpha=64, dropout 0.05 on q_proj, v_proj)."""
+
+    r: PositiveInt = 8
+    alpha: PositiveInt = Field(16, description="scaling = alpha / r; usually alpha = 2 * r")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+# ------------------------------------------------------------------------------------------ data
+class DataSourceConfig(Section):
+    """One source of records.
+
+    ``kind``: ``jsonl | csv | parquet`` (``path`` is a file), ``hub`` (``path`` is a dataset id for
+    ``datasets.load_dataset``), ``package`` (``path`` is a benchmark that ships in a package:
+    ``advbench``, ``harmbench``, ``donotanswer``, ``strongreject``), or ``generated`` (``path`` names a
+    generation pipeline: ``benign``, ``attack``, ``aligned``).
+    """
+
+    kind: Literal["jsonl", "csv", "parquet", "hub", "package", "generated"]
+    path: str
+    subset: str | None = Field(None, description="hub dataset config name")
+    split: str = "train"
+    instruction_field: str = "instruction"
+    response_field: str | None = Field("response", description="None for prompt-only data")
+    source: str | None = Field(None, description="label stored in each record; default: path")
+    is_harmful: bool = False
+    limit: PositiveInt | None = None
+
+
+class DataConfig(Section):
+    """Benign client data, prompt formatting and partitioning."""
+
+    benign: list[DataSourceConfig] = Field(
+        default_factory=lambda: [DataSourceConfig(kind="generated", path="benign")],
+        description="normal (instruction -> helpful response) data for benign clients",
+    )
+    aligned: list[DataSourceConfig] = Field(
+        default_factory=lambda: [DataSourceConfig(kind="generated", path="aligned")],
+        description="aligned (harmful instruction -> refusal) data mixed into benign clients",
+    )
+    aligned_fraction: Fraction = Field(0.2, description="share of aligned pairs in a benign client")
+    template: Literal["chat", "alpaca"] = Field("chat", description="the model's chat template, "
+                                                "or the paper's Alpaca template")
+    max_seq_len: PositiveInt = 256
+    samples_per_client: PositiveInt = 64
+    partition: Literal["iid", "dirichlet", "by_source"] = "iid"
+    dirichlet_alpha: Annotated[float, Field(gt=0.0)] = 0.5
+    on_bad_row: Literal["raise", "skip"] = Field("raise", description="skip: drop and count "
+                                                 "malformed rows instead of stopping")
+
+
+# ------------------------------------------------------------------------------ threat + defense
+class UpdateAttackConfig(Section):
+    """An optional update-space attack applied to malicious deltas before aggregation."""
+
+    name: str = Field("none", description="'none' or a registered update attack (sign_flip, alie, ...)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttackConfig(Section):
+    """The safety attack: malicious clients train on unaligned (harmful -> harmful) data."""
+
+    malicious_fraction: Fraction = 0.3
+    data: DataSourceConfig = Field(
+        default_factory=lambda: DataSourceConfig(kind="generated", path="attack", is_harmful=True),
+        description="unaligned data of malicious clients (generated = the paper's MaliciousGen)",
+    )
+    filter_refusals: bool = Field(True, description="drop generated pairs whose response the rule "
+                                  "judge calls a refusal")
+    update: UpdateAttackConfig = UpdateAttackConfig()
+
+
+class AggregatorConfig(Section):
+    """The server's aggregation rule. ``f`` is the attacker count a robust rule assumes."""
+
+    name: str = "mean"
+    f: int | Literal["expected"] | None = Field(
+        None, description="assumed attackers per round: an int, or 'expected' = round(clients_per_round"
+        " x malicious_fraction), the paper's oracle; required by rules that take f",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DefenseConfig(Section):
+    """The post-hoc defense: fine-tune the final global adapter on defense data (paper Sec. 5)."""
+
+    name: str = Field("posthoc", description="'none', 'posthoc' (after FedIT) or 'pretrained' "
+                      "(defense data on the base model alone, paper Fig. 7)")
+    level: Literal[1, 2, 3] = Field(3, description="1: public dataset, 2: external generator model, "
+                                    "3: the attacked global model itself")
+    public: list[DataSourceConfig] = Field(default_factory=list, description="level-1 sources")
+    generator_model: str | None = Field(None, description="level-2 generator (hub id, directory or "
+                                        "bundled name); default: the base model")
+    num_samples: PositiveInt = 1000
+    aligned_ratio: Fraction = 0.5
+    steps: PositiveInt = 500
+    batch_size: PositiveInt = 16
+    lr: Annotated[float, Field(gt=0.0)] = 5e-5
+    lr_min: Annotated[float, Field(ge=0.0)] = 1e-6
+    checkpoint_every: PositiveInt = 100
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config")
+
+
+# ------------------------------------------------------------------------------------ federation
+class FederationConfig(Section):
+    """Rounds, clients and local training (paper: 10 clients, 3 per round, 100 rounds, 10 steps)."""
+
+    num_clients: PositiveInt = 10
+    clients_per_round: PositiveInt = 3
+    rounds: PositiveInt = 5
+    local_steps: PositiveInt = 5
+    batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0.0)] = Field(1e-3, description="round-0 learning rate; cosine "
+                                                "decay per round to lr_min (paper: 5e-5 -> 1e-6)")
+    lr_min: Annotated[float, Field(ge=0.0)] = 1e-6
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    algorithm: Literal["fedavg", "fedprox", "scaffold"] = "fedavg"
+    prox_mu: Annotated[float, Field(ge=0.0)] = 0.01
+    server_optimizer: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
+    server_lr: Annotated[float, Field(gt=0.0)] = 1.0
+    server_momentum: Fraction = 0.9
+    server_beta1: Fraction = 0.9
+    server_beta2: Fraction = 0.99
+    server_tau: Annotated[float, Field(gt=0.0)] = 1e-3
+    sampling: Literal["uniform", "stratified"] = Field(
+        "uniform", description="stratified keeps the malicious share of each round's sample at "
+        "the configured fraction (useful in short demos)")
+    compat: Literal["none", "openfedllm"] = Field(
+        "none", description="openfedllm: the paper code's random.seed(round) sampling, per-round "
+        "subsample of batch*steps examples, dataset-size weights")
+    on_client_failure: Literal["retry", "drop", "raise"] = "retry"
+    max_task_retries: Annotated[int, Field(ge=0)] = 2
+    min_quorum: PositiveInt | None = Field(None, description="fewest updates a round may aggregate;"
+                                           " default clients_per_round")
+    round_timeout_s: Annotated[float, Field(gt=0.0)] | None = None
+    checkpoint_every: Annotated[int, Field(ge=0)] = 1
+    eval_every: Annotated[int, Field(ge=0)] = Field(0, description="evaluate the global adapter "
+                                                    "every N rounds (0: only after the stage)")
+
+
+# ----------------------------------------------------------------------------- generation + eval
+class HttpEngineConfig(Section):
+    """An OpenAI-compatible chat endpoint. The key is read from ``api_key_env`` and never written."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "default"
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: PositiveInt = 4
+    max_retries: Annotated[int, Field(ge=0)] = 5
+    timeout_s: Annotated[float, Field(gt=0.0)] = 60.0
+
+
+class GenerationConfig(Section):
+    """The inference engine used to generate data and evaluation responses."""
+
+    engine: Literal["hf", "vllm", "http"] = "hf"
+    batch_size: PositiveInt = 16
+    max_new_tokens: PositiveInt = 64
+    temperature: Annotated[float, Field(ge=0.0)] = Field(0.0, description="0 = greedy")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    num_actors: PositiveInt = 1
+    http: HttpEngineConfig = HttpEngineConfig()
+    num_benign: PositiveInt = Field(200, description="benign pairs generated from seed instructions")
+    num_attack: PositiveInt = Field(200, description="unaligned pairs generated (MaliciousGen)")
+    num_aligned: PositiveInt = Field(100, description="aligned (refusal) pairs generated")
+
+
+class BenchmarkConfig(Section):
+    """A safety benchmark: a package-shipped name or any data source."""
+
+    name: Literal["advbench", "harmbench", "strongreject", "donotanswer", "custom"] = "advbench"
+    source: DataSourceConfig | None = Field(None, description="for name=custom")
+    num_prompts: PositiveInt | None = 64
+
+
+class EvaluationConfig(Section):
+    """Safety and helpfulness evaluation of the global adapter."""
+
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
+    judges: list[str] = Field(default_factory=lambda: ["rule"], min_length=1)
+    judge_model: str | None = Field(None, description="MD-Judge / Llama Guard model for judge_model")
+    judge_format: Literal["md_judge", "llama_guard"] = "md_judge"
+    reward_model: str = "OpenAssistant/reward-model-deberta-v3-large-v2"
+    num_benign_prompts: Annotated[int, Field(ge=0)] = Field(32, description="held-out benign prompts "
+                                                            "for over-refusal and response NLL")
+    bootstrap_samples: PositiveInt = 1000
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+
+
+# ------------------------------------------------------------------------------------ resources
+class ResourcesConfig(Section):
+    """What the trainer workers ask Ray for. The driver asks for CPU only."""
+
+    num_workers: PositiveInt = 1
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
+    torch_threads: PositiveInt = 2
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_restarts: Annotated[int, Field(ge=0)] = 2
+
+
+class OutputConfig(Section):
+    """Where runs go: ``<root>/<name>/<timestamp>/``."""
+
+    root: str = "runs"
+    name: str = "run"
+
+
+class RunConfig(Section):
+    """One run: FedIT under attack, evaluation, post-hoc defense, evaluation, report."""
+
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    attack: AttackConfig = AttackConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    defense: DefenseConfig = DefenseConfig()
+    generation: GenerationConfig = GenerationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: OutputConfig = OutputConfig()
+
+    # ---- derived values (computed, never configured) ----
+    @property
+    def num_malicious(self) -> int:
+        """Malicious clients: round half up of num_clients x malicious_fraction."""
+        return _round_half_up(self.federation.num_clients * self.attack.malicious_fraction)
+
+    @property
+    def assumed_attackers(self) -> int | None:
+        """The ``f`` handed to robust rules: explicit, or the paper's oracle when 'expected'."""
+        f = self.aggregator.f
+        if f == "expected":
+            return _round_half_up(self.federation.clients_per_round * self.attack.malicious_fraction)
+        return f
+
+    def aggregator_params(self) -> dict[str, Any]:
+        """Keyword arguments of the aggregation rule, with ``f`` resolved where given."""
+        params = dict(self.aggregator.params)
+        if self.assumed_attackers is not None:
+            params["f"] = self.assumed_attackers
+        return params
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RunConfig:
+        fed = self.federation
+        _require(fed.clients_per_round <= fed.num_clients, "federation.clients_per_round",
+                 fed.clients_per_round, f"must be <= federation.num_clients ({fed.num_clients})",
+                 "lower clients_per_round or raise num_clients")
+        if fed.min_quorum is not None:
+            _require(fed.min_quorum <= fed.clients_per_round, "federation.min_quorum",
+                     fed.min_quorum, f"must be <= clients_per_round ({fed.clients_per_round})",
+                     "lower min_quorum")
+        self._check_components()
+        return self
+
+    def _check_components(self) -> None:
+        """Names must be registered, and robust rules must be possible with this many clients."""
+        # Imported here: the registries import their (Ray-free) component packages on first use.
+        from ray_fedit.aggregators import check_params
+        from ray_fedit.errors import AggregationError
+        from ray_fedit.registry import AGGREGATORS, ATTACKS, DEFENSES, JUDGES, RegistryError
+
+        def known(path: str, registry: Any, name: str) -> None:
+            try:
+                registry.get(name)
+            except RegistryError as e:
+                raise ValueError(f"@{path}: {e}") from None
+
+        known("aggregator.name", AGGREGATORS, self.aggregator.name)
+        if self.attack.update.name != "none":
+            known("attack.update.name", ATTACKS, self.attack.update.name)
+        if self.defense.name != "none":
+            known("defense.name", DEFENSES, self.defense.name)
+        for i, judge in enumerate(self.evaluation.judges):
+            known(f"evaluation.judges.{i}", JUDGES, judge)
+        try:
+            check_params(self.aggregator.name, self.federation.clients_per_round,
+                         self.aggregator_params())
+        except AggregationError as e:
+            raise ValueError(f"@aggregator: {e}; fix: change aggregator.f/params or "
+                             "federation.clients_per_round") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def _require(ok: bool, path: str, value: Any, rule: str, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"@{path}: {value!r} {rule}; fix: {fix}")
+
+
+# ------------------------------------------------------------------------------------- loading
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML) or ``~a.b.c`` (delete) override in place.
+
+    Raises:
+        ConfigError: if the override is not of that form, or a ``--flag`` was passed.
+    """
+    if override.startswith("-"):
+        raise ConfigError(f"override {override!r}: flags are not config overrides; "
+                          "write key=value (e.g. federation.rounds=5)")
+    delete = override.startswith("~")
+    key, sep, raw = override.removeprefix("~").partition("=")
+    if not key or (not delete and not sep) or (delete and sep):
+        raise ConfigError(f"override {override!r} must be key=value or ~key "
+                          "(e.g. aggregator.name=krum)")
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is a value, "
+                              "not a section")
+        node = child
+    if delete:
+        node.pop(parts[-1], None)
+        return
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = (*path, str(k.value))
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[(*path, str(i))] = v.start_mark.line + 1
+                walk(v, (*path, str(i)))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(
+    e: ValidationError,
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    from_override: dict[tuple[str, ...], str],
+) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        text = err["msg"].removeprefix("Value error, ")
+        if text.startswith("@"):  # cross-field rule: the path is inside the message
+            path, _, text = text[1:].partition(": ")
+            loc = tuple(path.split("."))
+        where = ".".join(loc) or "(top level)"
+        prefixes = [loc[:i] for i in range(len(loc), 0, -1)]
+        override = next((from_override[p] for p in prefixes if p in from_override), None)
+        line = next((lines[p] for p in prefixes if p in lines), None)
+        if override is not None:
+            at = f"override {override!r}: "
+        elif line is not None:
+            at = f"{source}:{line}: "
+        else:
+            at = f"{source}: " if source else ""
+        if err["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            known = _known_fields(parent)
+            msgs.append(f"{at}{where}: unknown key; known keys here: {', '.join(known)}")
+        elif text.startswith(f"{err.get('input')!r} "):
+            msgs.append(f"{at}{where}: {text}")
+        else:
+            msgs.append(f"{at}{where}: {err.get('input')!r} is invalid: {text}")
+    return "\n".join(msgs)
+
+
+def _known_fields(path: tuple[str, ...]) -> list[str]:
+    model: Any = RunConfig
+    for part in path:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        model = next((a for a in [ann, *args] if isinstance(a, type) and issubclass(a, BaseModel)),
+                     None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Raises:
+        ConfigError: with one line per problem, each naming file:line or the override, the field
+            path, the bad value and the rule.
+    """
+    tree: dict[str, Any] = {}
+    text, source = "", ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text, source = p.read_text(encoding="utf-8"), str(p)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    lines = _yaml_lines(text)
+    from_override: dict[tuple[str, ...], str] = {}
+    for ov in overrides:
+        apply_override(tree, ov)
+        from_override[tuple(ov.removeprefix("~").partition("=")[0].split("."))] = ov
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, lines, from_override)) from None
+    return cfg
