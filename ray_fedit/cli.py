@@ -1,0 +1,131 @@
+"""The ``ray-fedit`` command line: run | sweep | generate | evaluate | report | doctor.
+
+Configs are YAML files plus ``key=value`` overrides (``federation.rounds=5 aggregator.name=krum``).
+Every config is validated before Ray starts; a bad one exits with code 2 and one line per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ray_fedit.errors import ConfigError, RayFeditError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ray-fedit",
+        description="Federated instruction tuning of LLMs on Ray: safety attack, robust "
+        "aggregators, post-hoc defense, evaluation.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one experiment (prepare, federate, evaluate, defend, "
+                         "evaluate, report)")
+    run.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=5")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--stages", help="comma-separated subset of: prepare, federate, "
+                     "evaluate_attacked, defend, evaluate_defended, report")
+
+    sweep = sub.add_parser("sweep", help="Ray Tune grid of runs (malicious fraction x aggregator x"
+                           " defense level x seed)")
+    sweep.add_argument("sweep", help="sweep YAML")
+    sweep.add_argument("overrides", nargs="*", help="overrides applied to every trial")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="restore an interrupted sweep")
+
+    gen = sub.add_parser("generate", help="run one data pipeline alone")
+    gen.add_argument("kind", choices=["attack", "defense", "benign", "aligned"])
+    gen.add_argument("config")
+    gen.add_argument("overrides", nargs="*")
+    gen.add_argument("--out", metavar="DIR", help="output directory (default: the data cache)")
+    gen.add_argument("--adapter", metavar="DIR", help="PEFT adapter of the generator "
+                     "(defense level 3: the attacked global adapter)")
+
+    ev = sub.add_parser("evaluate", help="evaluate a saved adapter (or the base model)")
+    ev.add_argument("config")
+    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (omit: base model)")
+    ev.add_argument("--out", metavar="DIR", help="output directory (default: eval/<adapter name>)")
+
+    rep = sub.add_parser("report", help="tables and plots of a run or sweep directory")
+    rep.add_argument("directory")
+
+    doc = sub.add_parser("doctor", help="versions, devices, Ray resources, offline assets")
+    doc.add_argument("--address", help="Ray cluster to inspect (default: start a local one)")
+    doc.add_argument("--no-ray", action="store_true", help="skip starting Ray")
+    return p
+
+
+def _load(config: str | None, overrides: Sequence[str]):  # noqa: ANN202
+    from ray_fedit.config import load_config
+
+    return load_config(config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ray-fedit`` and ``python -m ray_fedit``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"ray-fedit: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RayFeditError as e:
+        print(f"ray-fedit: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ray-fedit: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        from ray_fedit.doctor import doctor
+
+        return doctor(address=args.address, start_ray=not args.no_ray)
+    if args.command == "run":
+        from ray_fedit.pipeline import resume_run, run_pipeline
+
+        stages = args.stages.split(",") if args.stages else None
+        if args.resume:
+            if args.config:
+                raise ConfigError("--resume takes the run directory alone; its "
+                                  "resolved_config.yaml is the config")
+            resume_run(Path(args.resume), stages=stages)
+        else:
+            if not args.config:
+                raise ConfigError("run needs a CONFIG (e.g. configs/quickstart.yaml) or --resume")
+            run_pipeline(_load(args.config, args.overrides), stages=stages)
+        return 0
+    if args.command == "sweep":
+        from ray_fedit.sweeps import run_sweep
+
+        run_sweep(Path(args.sweep), args.overrides, resume=args.resume)
+        return 0
+    if args.command == "generate":
+        from ray_fedit.pipeline import generate_command
+
+        cfg = _load(args.config, args.overrides)
+        generate_command(cfg, args.kind, out=args.out, adapter=args.adapter)
+        return 0
+    if args.command == "evaluate":
+        from ray_fedit.pipeline import evaluate_command
+
+        cfg = _load(args.config, args.overrides)
+        evaluate_command(cfg, adapter=args.adapter, out=args.out)
+        return 0
+    if args.command == "report":
+        from ray_fedit.report import write_report
+
+        write_report(Path(args.directory))
+        return 0
+    raise AssertionError(args.command)  # argparse restricts the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

