@@ -1,0 +1,473 @@
+"""One ``ray-fedit run``: the stages of an experiment over its run directory.
+
+    prepare            benign, aligned and attack data (generated with Ray Data or loaded),
+                       held-out benign prompts, malicious client ids, client partitions
+    federate           FedIT on Ray (driver actor + trainer workers); with
+                       ``attack.compare_no_attack`` also the same federation without attackers
+    evaluate           safety + helpfulness of the final global adapter(s)
+    defend             post-hoc fine-tune of the attacked global adapter on defense data (Ray Train)
+    evaluate_defended  safety + helpfulness of the defended adapter
+    report             tables and plots
+
+Each stage records its outputs in ``stages/<stage>.json`` with the config hash; a rerun or
+``--resume`` skips stages already done for the same config, and an interrupted federation continues
+from its last checkpoint. ``--stages`` runs a subset (earlier stages must be done).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_fedit.config import RunConfig, load_config
+from ray_fedit.data.schema import Record, from_rows, to_table
+from ray_fedit.errors import CheckpointError, ConfigError
+from ray_fedit.rundir import RunDir, config_hash, update_manifest, write_json_atomic, write_manifest
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "federate", "evaluate", "defend", "evaluate_defended", "report")
+ATTACKED, NO_ATTACK, DEFENDED = "attacked", "no_attack", "defended"
+
+
+# ------------------------------------------------------------------------------------- progress
+@dataclass
+class Progress:
+    """One line per stage start and end, with elapsed time and an ETA from finished stages."""
+
+    stages: Sequence[str]
+    started: float = 0.0
+
+    def begin(self, i: int, stage: str) -> float:
+        if not self.started:
+            self.started = time.perf_counter()
+        print(f"[{i + 1}/{len(self.stages)} {stage}] started "
+              f"(elapsed {self._fmt(time.perf_counter() - self.started)})", flush=True)
+        return time.perf_counter()
+
+    def end(self, i: int, stage: str, t0: float, note: str = "") -> None:
+        spent = time.perf_counter() - t0
+        print(f"[{i + 1}/{len(self.stages)} {stage}] done in {self._fmt(spent)}"
+              f"{'; ' + note if note else ''}", flush=True)
+
+    @staticmethod
+    def _fmt(seconds: float) -> str:
+        m, s = divmod(int(round(seconds)), 60)
+        return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _save_records(path: Path, records: list[Record], **columns: list[Any]) -> None:
+    import pyarrow.parquet as pq
+
+    table = to_table(records)
+    for name, values in columns.items():
+        table = table.append_column(name, [values])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins RAY_ADDRESS (set by `ray job submit`) or starts a local instance.
+        ray.init(log_to_driver=True, configure_logging=False)
+    # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _pool(cfg: RunConfig, kind: str, sources: Sequence[Any], note: dict[str, Any],
+          adapter_dir: Path | None = None) -> list[Record]:
+    """Records of one data pool: generated pools via the generation pipeline, others loaded."""
+    from ray_fedit.data.loaders import load_source
+    from ray_fedit.generation import generate_dataset
+
+    records: list[Record] = []
+    for src in sources:
+        if src.kind == "generated":
+            if src.path != kind:
+                raise ConfigError(f"a generated source in the {kind} pool must have path {kind!r}, "
+                                  f"got {src.path!r}")
+            data = generate_dataset(kind, cfg, adapter_dir=adapter_dir)
+            note.setdefault("generated", {})[kind] = {
+                "path": str(data.path), "cache_hit": data.cache_hit, "rows": len(data.records),
+                "stats": data.stats, "sources": data.sources, "eval_sources_kept_out":
+                data.eval_sources}
+            records += data.records
+        else:
+            result = load_source(src, cfg.data.on_bad_row)
+            note.setdefault("loaded", {})[f"{kind}:{src.path}"] = {
+                "rows": len(result.records), "skipped": len(result.skipped)}
+            records += result.records
+    return records
+
+
+def _heldout_benign(cfg: RunConfig) -> list[Record]:
+    """Held-out benign (instruction, reference response) pairs that no client trains on.
+
+    From ``evaluation.benign`` when set; otherwise the held-out seed instructions, with the base
+    model's answers as references.
+    """
+    from ray_fedit.data.loaders import load_source
+    from ray_fedit.data.schema import make_record
+    from ray_fedit.generation.engine import generate
+    from ray_fedit.generation.seeds import split_seed_instructions
+
+    if cfg.evaluation.num_benign_prompts == 0:
+        return []
+    if cfg.evaluation.benign is not None:
+        return load_source(cfg.evaluation.benign, cfg.data.on_bad_row).records
+    _, held = split_seed_instructions(cfg.evaluation.num_benign_prompts)
+    answered = generate(held, prompt_field="instruction", model_cfg=cfg.model, gen_cfg=cfg.generation,
+                        template=cfg.data.template, seed=cfg.seed)
+    return [make_record(a["instruction"], a["response"], source="seed_heldout", meta=a["meta"])
+            for a in answered if a["response"].strip()]
+
+
+def _check_disjoint(train: list[Record], cfg: RunConfig) -> dict[str, Any]:
+    """Exact overlap between training instructions and evaluation prompts (must be none)."""
+    from ray_fedit.evaluation.benchmarks import load_benchmark
+
+    train_text = {r["instruction"].strip().lower() for r in train}
+    report: dict[str, Any] = {}
+    for bench in cfg.evaluation.benchmarks:
+        prompts, _ = load_benchmark(bench, default_seed=cfg.seed)
+        overlap = sum(p["instruction"].strip().lower() in train_text for p in prompts)
+        report[bench.name] = {"prompts": len(prompts), "overlap_with_training": overlap}
+        if overlap:
+            raise ConfigError(f"{overlap} evaluation prompts of {bench.name} are in the training "
+                              "data; keep evaluation benchmarks out of data sources")
+    return report
+
+
+# --------------------------------------------------------------------------------------- stages
+def stage_prepare(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from ray_fedit.data.partition import build_clients, choose_malicious
+
+    note: dict[str, Any] = {}
+    normal = _pool(cfg, "benign", cfg.data.benign, note)
+    aligned = _pool(cfg, "aligned", cfg.data.aligned, note) if cfg.data.aligned_fraction > 0 else []
+    attack = _pool(cfg, "attack", [cfg.attack.data], note) if cfg.num_malicious > 0 else []
+    heldout = _heldout_benign(cfg)
+    rng = np.random.default_rng([cfg.seed, 7])
+    malicious = choose_malicious(cfg.federation.num_clients, cfg.num_malicious, rng)
+    common = {"normal": normal, "aligned": aligned, "num_clients": cfg.federation.num_clients,
+              "samples_per_client": cfg.data.samples_per_client,
+              "aligned_fraction": cfg.data.aligned_fraction, "partition": cfg.data.partition,
+              "dirichlet_alpha": cfg.data.dirichlet_alpha}
+    clients = build_clients(attack=attack, malicious_ids=malicious, rng=rng, **common)
+    _save_clients(run.data / "clients.parquet", clients)
+    if cfg.attack.compare_no_attack:
+        clean = build_clients(attack=[], malicious_ids=[], rng=np.random.default_rng([cfg.seed, 8]),
+                              **common)
+        _save_clients(run.data / "clients_no_attack.parquet", clean)
+    _save_records(run.data / "benign_eval.parquet", heldout)
+    disjoint = _check_disjoint(normal + aligned + attack, cfg)
+    update_manifest(run, malicious_ids=malicious, data=note, evaluation_disjointness=disjoint)
+    print(f"  {len(normal)} normal, {len(aligned)} aligned, {len(attack)} attack records; "
+          f"malicious clients {malicious}; {len(heldout)} held-out benign prompts", flush=True)
+    return {"malicious_ids": malicious, "rows": {"normal": len(normal), "aligned": len(aligned),
+                                                 "attack": len(attack), "heldout": len(heldout)}}
+
+
+def _save_clients(path: Path, clients: list[list[Record]]) -> None:
+    flat = [r for c in clients for r in c]
+    ids = [i for i, c in enumerate(clients) for _ in c]
+    _save_records(path, flat, client_id=ids)
+
+
+def _load_clients(path: Path, num_clients: int) -> list[list[Record]]:
+    rows = _read_records(path)
+    clients: list[list[Record]] = [[] for _ in range(num_clients)]
+    for row, rec in zip(rows, from_rows(rows), strict=True):
+        clients[row["client_id"]].append(rec)
+    return clients
+
+
+def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[int],
+              resume: bool) -> str:
+    from ray_fedit.federation import ClientSpec, run_federation
+
+    clients = _load_clients(clients_file, cfg.federation.num_clients)
+    specs = [ClientSpec(client_id=i, shard=c, is_malicious=i in malicious)
+             for i, c in enumerate(clients)]
+    eval_hook = None
+    if cfg.federation.eval_every:
+        from ray_fedit.evaluation import RoundEvaluator
+
+        eval_hook = RoundEvaluator(cfg, run.root / "eval",
+                                   benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
+    has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
+    result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state)
+    if result.adapter_dir is None:
+        raise CheckpointError(f"federation in {run.root} stopped after {result.rounds_completed} rounds")
+    return str(result.adapter_dir)
+
+
+def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bool = False
+                   ) -> dict[str, Any]:
+    malicious = done["prepare"]["malicious_ids"]
+    out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume)}
+    if cfg.attack.compare_no_attack:
+        clean_cfg = no_attack_config(cfg)
+        out[NO_ATTACK] = _federate(clean_cfg, RunDir(run.root / NO_ATTACK),
+                                   run.data / "clients_no_attack.parquet", [], resume)
+    return {"adapters": out}
+
+
+def no_attack_config(cfg: RunConfig) -> RunConfig:
+    """The same run without attackers: the paper's 'FedAvg (No Attack)' reference."""
+    return cfg.model_copy(update={"attack": cfg.attack.model_copy(
+        update={"malicious_fraction": 0.0, "update": cfg.attack.update.model_copy(
+            update={"name": "none"})})})
+
+
+def _evaluate(cfg: RunConfig, run: RunDir, adapters: dict[str, str | None]) -> dict[str, Any]:
+    from ray_fedit.evaluation import evaluate_adapter
+
+    benign = from_rows(_read_records(run.data / "benign_eval.parquet"))
+    out = {}
+    for stage, adapter in adapters.items():
+        metrics = evaluate_adapter(cfg, stage=stage, adapter_dir=Path(adapter) if adapter else None,
+                                   out_dir=run.eval(stage), benign_records=benign)
+        out[stage] = str(run.eval(stage) / "metrics.json")
+        print(f"  {stage}: {headline(metrics)}", flush=True)
+    return {"metrics": out}
+
+
+def stage_evaluate(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
+    adapters = dict(done["federate"]["adapters"])
+    if cfg.evaluation.include_base:
+        adapters = {"base": None, **adapters}
+    return _evaluate(cfg, run, adapters)
+
+
+def stage_defend(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
+    from ray_fedit.generation import generate_dataset
+    from ray_fedit.registry import DEFENSES
+
+    attacked = Path(done["federate"]["adapters"][ATTACKED])
+    data = generate_dataset("defense", cfg, adapter_dir=attacked if cfg.defense.level == 3 else None)
+    update_manifest(run, defense_data={"path": str(data.path), "rows": len(data.records),
+                                       "cache_hit": data.cache_hit, "stats": data.stats})
+    n_aligned = sum(r["is_harmful"] for r in data.records)
+    print(f"  defense data: {len(data.records)} rows ({n_aligned} aligned), level {cfg.defense.level}"
+          f"{' (cached)' if data.cache_hit else ''}", flush=True)
+    result = DEFENSES.get(cfg.defense.name)(cfg, data.records, global_adapter=attacked,
+                                            out_dir=run.root / "defense")
+    return {"adapter": str(result.adapter_dir),
+            "checkpoints": {str(k): str(v) for k, v in result.checkpoints.items()},
+            "final_loss": result.losses[-1] if result.losses else None}
+
+
+def stage_evaluate_defended(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
+    return _evaluate(cfg, run, {DEFENDED: done["defend"]["adapter"]})
+
+
+def stage_report(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
+    from ray_fedit.report import write_report
+
+    paths = write_report(run.root)
+    return {"files": [str(p) for p in paths]}
+
+
+STAGE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
+    "prepare": stage_prepare, "federate": stage_federate, "evaluate": stage_evaluate,
+    "defend": stage_defend, "evaluate_defended": stage_evaluate_defended, "report": stage_report,
+}
+
+
+# ------------------------------------------------------------------------------------ the runner
+def selected_stages(cfg: RunConfig, stages: Sequence[str] | None) -> list[str]:
+    """The stages to run, in pipeline order; ``defense.name: none`` drops the defense stages."""
+    if stages:
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            raise ConfigError(f"--stages: unknown {unknown}; known: {', '.join(STAGES)}")
+    chosen = [s for s in STAGES if not stages or s in stages]
+    if cfg.defense.name == "none":
+        chosen = [s for s in chosen if s not in ("defend", "evaluate_defended")]
+    return chosen
+
+
+def _marker(run: RunDir, stage: str) -> Path:
+    return run.root / "stages" / f"{stage}.json"
+
+
+def load_done(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
+    """Outputs of the stages already done in this run directory for this config."""
+    done = {}
+    for stage in STAGES:
+        path = _marker(run, stage)
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("config_hash") != config_hash(cfg):
+                raise CheckpointError(f"{path} was written for another config (hash "
+                                      f"{data.get('config_hash')} != {config_hash(cfg)}); start a "
+                                      "new run instead of resuming this one")
+            done[stage] = data["outputs"]
+    return done
+
+
+def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
+                 run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run the selected stages; return ``{"run_dir", "metrics"}`` (metrics by stage label).
+
+    Raises:
+        ConfigError: for unknown stages or a stage whose inputs were never produced.
+        CheckpointError: when resuming a directory written for another config.
+    """
+    chosen = selected_stages(cfg, stages)
+    if run_dir is None:
+        run = RunDir.create(cfg)
+        write_manifest(run, cfg, stages=chosen)
+    else:
+        run = RunDir(Path(run_dir))
+    done = load_done(run, cfg)
+    print(f"run directory: {run.root}", flush=True)
+    _ensure_ray()
+    progress = Progress(chosen)
+    for i, stage in enumerate(chosen):
+        if stage in done:
+            print(f"[{i + 1}/{len(chosen)} {stage}] already done; skipped", flush=True)
+            continue
+        missing = [s for s in STAGES[: STAGES.index(stage)] if s in _needs(stage) and s not in done]
+        if missing:
+            raise ConfigError(f"stage {stage!r} needs {missing} first; run them (or all stages)")
+        t0 = progress.begin(i, stage)
+        fn = STAGE_FNS[stage]
+        outputs = fn(cfg, run, done, resume=resume) if stage == "federate" else fn(cfg, run, done)
+        write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
+                                                "seconds": round(time.perf_counter() - t0, 1)})
+        done[stage] = outputs
+        progress.end(i, stage, t0)
+    metrics = collect_metrics(run)
+    if metrics:
+        print("\n" + summary_table(metrics), flush=True)
+    return {"run_dir": str(run.root), "metrics": {k: flat_headline(v) for k, v in metrics.items()}}
+
+
+def _needs(stage: str) -> set[str]:
+    return {"prepare": set(), "federate": {"prepare"}, "evaluate": {"federate"},
+            "defend": {"federate"}, "evaluate_defended": {"defend"}, "report": set()}[stage]
+
+
+def resume_run(run_dir: Path, stages: Sequence[str] | None = None) -> dict[str, Any]:
+    """Continue a run from its directory: the resolved config there is the config."""
+    config = Path(run_dir) / "resolved_config.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no resolved_config.yaml)")
+    cfg = load_config(config)
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    if manifest.get("config_hash") != config_hash(cfg):
+        raise CheckpointError(f"{config} does not match the hash in manifest.json; it was edited "
+                              "after the run started")
+    return run_pipeline(cfg, stages, run_dir=Path(run_dir), resume=True)
+
+
+# -------------------------------------------------------------------------------------- metrics
+def collect_metrics(run: RunDir) -> dict[str, dict[str, Any]]:
+    """metrics.json of each evaluated stage (no_attack, attacked, defended, ...) by label."""
+    out = {}
+    root = run.root / "eval"
+    if root.is_dir():
+        for path in sorted(root.glob("*/metrics.json")):
+            out[path.parent.name] = json.loads(path.read_text())
+    return out
+
+
+def _first_safety(metrics: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
+    """(benchmark, judge, rate block) of the first judge that gives a safety rate."""
+    for bench, per_bench in metrics.get("safety", {}).items():
+        for judge, block in per_bench.get("judges", {}).items():
+            if block.get("rate") is not None:
+                return bench, judge, block
+    return None
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    first = _first_safety(metrics)
+    parts = []
+    if first:
+        bench, judge, block = first
+        rate = block
+        parts.append(f"{bench} safety ({judge}) {100 * rate['rate']:.1f}% "
+                     f"[{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}] n={rate['n']}")
+    benign = metrics.get("helpfulness", {}).get("benign")
+    if benign:
+        parts.append(f"benign refusal {100 * benign['refusal_rate']['rate']:.1f}%")
+        if "response_nll" in benign:
+            parts.append(f"benign NLL {benign['response_nll']['mean']:.3f}")
+    return "; ".join(parts)
+
+
+def flat_headline(metrics: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    first = _first_safety(metrics)
+    if first:
+        out["safety_rate"] = first[2]["rate"]
+    benign = metrics.get("helpfulness", {}).get("benign")
+    if benign:
+        out["benign_refusal_rate"] = benign["refusal_rate"]["rate"]
+        if "response_nll" in benign:
+            out["benign_nll"] = benign["response_nll"]["mean"]
+    return out
+
+
+def summary_table(metrics: dict[str, dict[str, Any]]) -> str:
+    order = ["base", NO_ATTACK, ATTACKED, DEFENDED]
+    labels = {"base": "base model (no FedIT)", NO_ATTACK: "FedIT, no attack",
+              ATTACKED: "FedIT under attack", DEFENDED: "attacked + post-hoc defense"}
+    rows = [s for s in order if s in metrics] + sorted(s for s in metrics if s not in order)
+    lines = [f"{'':32} {'safety rate [95% CI]':>26} {'benign refusal':>15} {'benign NLL':>11}"]
+    for s in rows:
+        m = metrics[s]
+        first = _first_safety(m)
+        safety = "-"
+        if first:
+            r = first[2]
+            safety = f"{100 * r['rate']:5.1f}% [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]"
+        benign = m.get("helpfulness", {}).get("benign") or {}
+        refusal = f"{100 * benign['refusal_rate']['rate']:.1f}%" if benign else "-"
+        nll = f"{benign['response_nll']['mean']:.3f}" if "response_nll" in benign else "-"
+        lines.append(f"{labels.get(s, s):32} {safety:>26} {refusal:>15} {nll:>11}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- generate / evaluate
+def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str | None) -> None:
+    from ray_fedit.generation import generate_dataset
+
+    _ensure_ray()
+    data = generate_dataset(kind, cfg, out_dir=out, adapter_dir=adapter)  # type: ignore[arg-type]
+    print(f"{kind}: {len(data.records)} rows -> {data.path}{' (cache hit)' if data.cache_hit else ''}")
+    print(json.dumps(data.stats, indent=2, default=str))
+
+
+def evaluate_command(cfg: RunConfig, *, adapter: str | None, out: str | None) -> None:
+    from ray_fedit.evaluation import evaluate_adapter
+
+    _ensure_ray()
+    label = Path(adapter).name if adapter else "base"
+    out_dir = Path(out) if out else Path(cfg.output.root) / "eval" / label
+    benign = _heldout_benign(cfg)
+    metrics = evaluate_adapter(cfg, stage=label, adapter_dir=Path(adapter) if adapter else None,
+                               out_dir=out_dir, benign_records=benign)
+    print(f"{label}: {headline(metrics)}\nwritten to {out_dir}")

@@ -1,0 +1,201 @@
+"""``ray-fedit sweep``: a Ray Tune grid whose trials are whole runs.
+
+A sweep file names a base config, overrides for every trial, a grid of config keys and the seeds::
+
+    # Run: ray-fedit sweep configs/sweeps/malicious_fraction.yaml
+    name: malicious_fraction
+    base: ../quickstart.yaml            # relative to this file
+    overrides: [federation.rounds=3]
+    grid:
+      attack.malicious_fraction: [0.0, 0.1, 0.2, 0.3, 0.4]
+      aggregator.name: [mean, median]
+    seeds: [0, 1, 2]
+
+Every trial's config is built and validated before Tune starts, so one bad grid point fails the sweep
+at once. Each trial reserves its driver and worker bundles with ``tune.PlacementGroupFactory``, so the
+actors a run starts are scheduled inside the trial's reservation. ``--resume`` restores an interrupted
+sweep with ``Tuner.restore``; finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ray_fedit.config import RunConfig, load_config
+from ray_fedit.errors import ConfigError
+
+SWEEP_STATE = "sweep.json"
+
+
+class SweepFile(BaseModel):
+    """The schema of a sweep YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base: str = Field(description="base run config, relative to the sweep file")
+    overrides: list[str] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(description="config key -> values; the cross product runs")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what fits the "
+                                              "cluster's CPUs and GPUs")
+    metric: str = Field("attacked.safety_rate", description="metric Tune reports as the objective")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point and seed: the overrides that build its config."""
+
+    point: dict[str, Any]
+    seed: int
+    overrides: tuple[str, ...]
+    config: RunConfig = field(compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        """Stable id of the grid point without the seed (groups seeds for CIs)."""
+        return ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.point.items()))
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class Sweep:
+    spec: SweepFile
+    base: Path
+    trials: list[Trial]
+
+
+def load_sweep(path: str | Path, extra_overrides: Sequence[str] = ()) -> Sweep:
+    """Read a sweep file and build and validate every trial's config.
+
+    Raises:
+        ConfigError: naming the sweep file, the grid point and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        spec = SweepFile.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigError(f"{path}: not a valid sweep file: {e}") from None
+    base = (path.parent / spec.base).resolve()
+    keys = sorted(spec.grid)
+    for k in keys:
+        if not spec.grid[k]:
+            raise ConfigError(f"{path}: grid.{k} is empty; give at least one value")
+    trials = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        point = dict(zip(keys, values, strict=True))
+        for seed in spec.seeds:
+            overrides = (*spec.overrides, *extra_overrides,
+                         *(f"{k}={_fmt(v)}" for k, v in point.items()), f"seed={seed}",
+                         f"output.name={spec.name}")
+            try:
+                cfg = load_config(base, overrides)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: trial {point} seed {seed}: {e}") from None
+            trials.append(Trial(point=point, seed=seed, overrides=overrides, config=cfg))
+    return Sweep(spec=spec, base=base, trials=trials)
+
+
+def trial_bundles(cfg: RunConfig) -> list[dict[str, float]]:
+    """Resources one trial reserves: the run's driver, its trainer workers, and its generator actors.
+
+    The first bundle hosts the trial function itself (and the federation driver, which asks for
+    CPU only); trainer workers and generation actors get a bundle each.
+    """
+    res, gen = cfg.resources, cfg.generation
+    worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+    actor = {"CPU": 1.0, **({"GPU": gen.gpus_per_actor} if gen.gpus_per_actor else {})}
+    return [{"CPU": 1.0}] + [worker] * res.num_workers + [actor] * gen.num_actors
+
+
+def max_concurrent(bundles: list[dict[str, float]], cluster: dict[str, float]) -> int:
+    """How many trials of this shape fit the cluster at once (at least 1)."""
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    fits = [math.floor(cluster.get(k, 0.0) / v) for k, v in need.items() if v > 0]
+    return max(1, min(fits) if fits else 1)
+
+
+def flatten_metrics(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numeric results -> ``{"a.b.c": value}`` (what Tune records per trial)."""
+    out: dict[str, float] = {}
+    for k, v in summary.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_metrics(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    from ray_fedit.pipeline import run_pipeline
+
+    trial = config["trial"]
+    cfg = RunConfig.model_validate(trial["run_config"])
+    summary = run_pipeline(cfg)
+    tune.report(flatten_metrics(summary["metrics"])
+                | {"run_dir": summary["run_dir"], "trial_key": trial["key"], "seed": trial["seed"]})
+
+
+def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = None) -> Path:
+    """Run (or resume) a sweep; returns the sweep directory with ``sweep_results.csv``."""
+    import ray
+    from ray import tune
+
+    from ray_fedit.report import write_sweep_report
+
+    sweep = load_sweep(path, overrides)
+    storage = Path(sweep.trials[0].config.output.root).resolve() / "sweeps"
+    sweep_dir = storage / sweep.spec.name
+    print(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials "
+          f"({len(sweep.trials) // len(sweep.spec.seeds)} grid points x {len(sweep.spec.seeds)} seeds)")
+    if not ray.is_initialized():
+        ray.init()
+    bundles = trial_bundles(sweep.trials[0].config)
+    limit = sweep.spec.max_concurrent_trials or max_concurrent(bundles, ray.cluster_resources())
+    trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles))
+    if resume:
+        if not tune.Tuner.can_restore(resume):
+            raise ConfigError(f"--resume {resume!r}: no restorable sweep there")
+        tuner = tune.Tuner.restore(resume, trainable=trainable, resume_errored=True)
+    else:
+        param_space = {"trial": tune.grid_search([
+            {"run_config": t.config.model_dump(mode="json"), "key": t.key, "seed": t.seed}
+            for t in sweep.trials])}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=limit),
+            run_config=tune.RunConfig(name=sweep.spec.name, storage_path=str(storage)),
+        )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_STATE).write_text(json.dumps({
+        "sweep_file": str(Path(path).resolve()), "overrides": list(overrides),
+        "trials": [{"key": t.key, "seed": t.seed, "overrides": list(t.overrides)} for t in sweep.trials],
+    }, indent=2))
+    results = tuner.fit()
+    errors = [r for r in results if r.error]
+    write_sweep_report(sweep_dir, [r.metrics or {} for r in results], metric=sweep.spec.metric)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first: {errors[0].error}; "
+                           f"resume with: ray-fedit sweep {path} --resume {sweep_dir}")
+    return sweep_dir
