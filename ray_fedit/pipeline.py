@@ -78,12 +78,16 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
+    start a private local instance; quiet Ray Data's per-dataset progress logs."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        # Joins RAY_ADDRESS (set by `ray job submit`) or starts a local instance.
-        ray.init(log_to_driver=True, configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
+                 configure_logging=False)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
     import ray.data
 
@@ -278,7 +282,12 @@ def stage_defend(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str,
 
 
 def stage_evaluate_defended(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
-    return _evaluate(cfg, run, {DEFENDED: done["defend"]["adapter"]})
+    adapters: dict[str, str | None] = {DEFENDED: done["defend"]["adapter"]}
+    if cfg.defense.evaluate_checkpoints:  # the steps ablation: every saved step but the last
+        for step, path in done["defend"]["checkpoints"].items():
+            if path != done["defend"]["adapter"]:
+                adapters[f"defended_step_{int(step):04d}"] = path
+    return _evaluate(cfg, run, adapters)
 
 
 def stage_report(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:
@@ -342,7 +351,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
         run = RunDir(Path(run_dir))
     done = load_done(run, cfg)
     print(f"run directory: {run.root}", flush=True)
-    _ensure_ray()
+    ensure_ray()
     progress = Progress(chosen)
     for i, stage in enumerate(chosen):
         if stage in done:
@@ -455,7 +464,7 @@ def summary_table(metrics: dict[str, dict[str, Any]]) -> str:
 def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str | None) -> None:
     from ray_fedit.generation import generate_dataset
 
-    _ensure_ray()
+    ensure_ray()
     data = generate_dataset(kind, cfg, out_dir=out, adapter_dir=adapter)  # type: ignore[arg-type]
     print(f"{kind}: {len(data.records)} rows -> {data.path}{' (cache hit)' if data.cache_hit else ''}")
     print(json.dumps(data.stats, indent=2, default=str))
@@ -464,7 +473,7 @@ def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str
 def evaluate_command(cfg: RunConfig, *, adapter: str | None, out: str | None) -> None:
     from ray_fedit.evaluation import evaluate_adapter
 
-    _ensure_ray()
+    ensure_ray()
     label = Path(adapter).name if adapter else "base"
     out_dir = Path(out) if out else Path(cfg.output.root) / "eval" / label
     benign = _heldout_benign(cfg)

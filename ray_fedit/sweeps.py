@@ -111,19 +111,30 @@ def load_sweep(path: str | Path, extra_overrides: Sequence[str] = ()) -> Sweep:
 
 
 def trial_bundles(cfg: RunConfig) -> list[dict[str, float]]:
-    """Resources one trial reserves: the run's driver, its trainer workers, and its generator actors.
+    """Resources one trial reserves with its placement group.
 
-    The first bundle hosts the trial function itself (and the federation driver, which asks for
-    CPU only); trainer workers and generation actors get a bundle each.
+    The first bundle hosts the trial function (the federation driver asks for no CPU). The stages
+    of a run use Ray one after another, so the rest is sized for the largest stage: the trainer
+    workers of the federation or the generation actors of data and evaluation, whichever is more.
     """
     res, gen = cfg.resources, cfg.generation
-    worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
-    actor = {"CPU": 1.0, **({"GPU": gen.gpus_per_actor} if gen.gpus_per_actor else {})}
-    return [{"CPU": 1.0}] + [worker] * res.num_workers + [actor] * gen.num_actors
+    count = max(res.num_workers, gen.num_actors)
+    gpus = max(res.gpus_per_worker, gen.gpus_per_actor)
+    bundle = {"CPU": max(res.cpus_per_worker, 1.0), **({"GPU": gpus} if gpus else {})}
+    return [{"CPU": 1.0}] + [bundle] * count
+
+
+def outside_bundles(cfg: RunConfig) -> list[dict[str, float]]:
+    """Resources a trial uses outside its reservation: Ray Train (the defense) places its workers
+    with its own placement group, so concurrent trials must leave room for them."""
+    if cfg.defense.name == "none":
+        return []
+    d = cfg.defense
+    return [{"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1.0} if d.use_gpu else {})}] * d.num_workers
 
 
 def max_concurrent(bundles: list[dict[str, float]], cluster: dict[str, float]) -> int:
-    """How many trials of this shape fit the cluster at once (at least 1)."""
+    """How many trials needing ``bundles`` each fit the cluster at once (at least 1)."""
     need: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():
@@ -161,6 +172,7 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     import ray
     from ray import tune
 
+    from ray_fedit.pipeline import ensure_ray
     from ray_fedit.report import write_sweep_report
 
     sweep = load_sweep(path, overrides)
@@ -168,10 +180,10 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     sweep_dir = storage / sweep.spec.name
     print(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials "
           f"({len(sweep.trials) // len(sweep.spec.seeds)} grid points x {len(sweep.spec.seeds)} seeds)")
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     bundles = trial_bundles(sweep.trials[0].config)
-    limit = sweep.spec.max_concurrent_trials or max_concurrent(bundles, ray.cluster_resources())
+    limit = sweep.spec.max_concurrent_trials or max_concurrent(
+        bundles + outside_bundles(sweep.trials[0].config), ray.cluster_resources())
     trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles))
     if resume:
         if not tune.Tuner.can_restore(resume):
