@@ -113,15 +113,16 @@ def load_sweep(path: str | Path, extra_overrides: Sequence[str] = ()) -> Sweep:
 def trial_bundles(cfg: RunConfig) -> list[dict[str, float]]:
     """Resources one trial reserves with its placement group.
 
-    The first bundle hosts the trial function (the federation driver asks for no CPU). The stages
-    of a run use Ray one after another, so the rest is sized for the largest stage: the trainer
-    workers of the federation or the generation actors of data and evaluation, whichever is more.
+    The trial function and the (CPU-free) federation driver share bundle 0; the trainer workers take
+    bundles 1..n (:func:`ray_fedit.resources.trial_bundles`, which the worker pool reuses inside a
+    trial). Stages run one after another, so generation actors fit in the workers' bundles; only
+    actors beyond the worker count get bundles of their own.
     """
-    res, gen = cfg.resources, cfg.generation
-    count = max(res.num_workers, gen.num_actors)
-    gpus = max(res.gpus_per_worker, gen.gpus_per_actor)
-    bundle = {"CPU": max(res.cpus_per_worker, 1.0), **({"GPU": gpus} if gpus else {})}
-    return [{"CPU": 1.0}] + [bundle] * count
+    from ray_fedit.resources import trial_bundles as run_bundles
+
+    gen = cfg.generation
+    actor = {"CPU": 1.0, **({"GPU": gen.gpus_per_actor} if gen.gpus_per_actor else {})}
+    return run_bundles(cfg.resources) + [actor] * max(0, gen.num_actors - cfg.resources.num_workers)
 
 
 def outside_bundles(cfg: RunConfig) -> list[dict[str, float]]:
