@@ -143,6 +143,8 @@ class AttackConfig(Section):
     filter_refusals: bool = Field(True, description="drop generated pairs whose response the rule "
                                   "judge calls a refusal")
     update: UpdateAttackConfig = UpdateAttackConfig()
+    compare_no_attack: bool = Field(False, description="also run the same federation without "
+                                    "attackers (the paper's 'FedAvg (No Attack)' reference row)")
 
 
 class AggregatorConfig(Section):
@@ -169,13 +171,28 @@ class DefenseConfig(Section):
     num_samples: PositiveInt = 1000
     aligned_ratio: Fraction = 0.5
     steps: PositiveInt = 500
-    batch_size: PositiveInt = 16
+    steps_per_round: PositiveInt = Field(10, description="the paper runs the defense as 50 FL rounds "
+                                         "of 10 steps: lr is constant within a round (cosine across "
+                                         "rounds) and AdamW restarts each round")
+    batch_size: PositiveInt = Field(16, description="global batch, split over num_workers")
     lr: Annotated[float, Field(gt=0.0)] = 5e-5
     lr_min: Annotated[float, Field(ge=0.0)] = 1e-6
-    checkpoint_every: PositiveInt = 100
-    num_workers: PositiveInt = 1
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    checkpoint_every: PositiveInt = Field(100, description="save the adapter every N steps (the "
+                                          "paper's steps ablation)")
+    evaluate_checkpoints: bool = Field(False, description="also evaluate every saved step "
+                                       "(the steps ablation, paper Fig. 6)")
+    num_workers: PositiveInt = Field(1, description="Ray Train workers (data parallel)")
     use_gpu: bool = False
-    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config")
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config "
+                                  "(configs/deepspeed/); default: plain DDP")
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> DefenseConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by "
+                             f"num_workers={self.num_workers} (each worker takes an equal share)")
+        return self
 
 
 # ------------------------------------------------------------------------------------ federation
@@ -304,12 +321,14 @@ class EvaluationConfig(Section):
     judge_model: str | None = Field(None, description="MD-Judge / Llama Guard model for judge_model")
     judge_format: Literal["md_judge", "llama_guard"] = "md_judge"
     reward_model: str = "OpenAssistant/reward-model-deberta-v3-large-v2"
+    include_base: bool = Field(False, description="also evaluate the base model without any "
+                               "adapter (a reference row)")
     num_benign_prompts: Annotated[int, Field(ge=0)] = Field(32, description="held-out benign prompts "
                                                             "for over-refusal and response NLL")
     bootstrap_samples: PositiveInt = 1000
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
-    judge_engine: Literal["hf", "vllm", "http"] = Field("hf", description="engine running "
-                                                        "judge_model (http: judge_http endpoint)")
+    judge_engine: Literal["hf", "http"] = Field("hf", description="runs judge_model: hf = a Ray "
+                                                "task; http = judge_http's /completions (vLLM)")
     judge_http: HttpEngineConfig = Field(default_factory=HttpEngineConfig, description="endpoint "
                                          "of judge_model when judge_engine=http")
     judge_max_new_tokens: PositiveInt = Field(32, description="room for a verdict and category")
@@ -385,9 +404,18 @@ class RunConfig(Section):
         return f
 
     def aggregator_params(self) -> dict[str, Any]:
-        """Keyword arguments of the aggregation rule, with ``f`` resolved where given."""
+        """Keyword arguments of the aggregation rule, with ``f`` resolved for rules that take it.
+
+        A rule without an attacker count (``mean``, ``median``, ...) is not given ``f``, so one
+        sweep can set ``aggregator.f: expected`` across robust and plain rules.
+        """
+        import inspect
+
+        from ray_fedit.registry import AGGREGATORS
+
         params = dict(self.aggregator.params)
-        if self.assumed_attackers is not None:
+        takes_f = "f" in inspect.signature(AGGREGATORS.get(self.aggregator.name)).parameters
+        if self.assumed_attackers is not None and takes_f:
             params["f"] = self.assumed_attackers
         return params
 
@@ -510,12 +538,15 @@ def _format_errors(
     for err in e.errors():
         loc = tuple(str(p) for p in err["loc"])
         text = err["msg"].removeprefix("Value error, ")
-        if text.startswith("@"):  # cross-field rule: the path is inside the message
+        cross_field = text.startswith("@")
+        if cross_field:  # a rule across fields: the path is inside the message
             path, _, text = text[1:].partition(": ")
             loc = tuple(path.split("."))
         where = ".".join(loc) or "(top level)"
         prefixes = [loc[:i] for i in range(len(loc), 0, -1)]
         override = next((from_override[p] for p in prefixes if p in from_override), None)
+        if override is None and cross_field:  # an override inside the section this rule checks
+            override = next((ov for key, ov in from_override.items() if key[: len(loc)] == loc), None)
         line = next((lines[p] for p in prefixes if p in lines), None)
         if override is not None:
             at = f"override {override!r}: "
@@ -527,7 +558,7 @@ def _format_errors(
             parent = loc[:-1]
             known = _known_fields(parent)
             msgs.append(f"{at}{where}: unknown key; known keys here: {', '.join(known)}")
-        elif text.startswith(f"{err.get('input')!r} "):
+        elif cross_field or text.startswith(f"{err.get('input')!r} "):
             msgs.append(f"{at}{where}: {text}")
         else:
             msgs.append(f"{at}{where}: {err.get('input')!r} is invalid: {text}")

@@ -189,7 +189,8 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     )
     trainer.fit()
     plan = round_plan(d.steps, d.steps_per_round)
-    checkpoints = {s: out_dir / STEP_DIR.format(s) for s in checkpoint_steps(d.steps, d.checkpoint_every, plan)}
+    marks = checkpoint_steps(d.steps, d.checkpoint_every, plan)
+    checkpoints = {s: out_dir / STEP_DIR.format(s) for s in marks}
     missing = [str(p) for p in checkpoints.values() if not (p / "adapter_config.json").is_file()]
     if missing:
         raise RuntimeError(f"the defense job finished without writing {missing}")

@@ -72,16 +72,20 @@ def test_unknown_component_names_list_the_known_ones():
 
 def test_derived_malicious_count_and_expected_f():
     """10 clients x 0.3 = 3 malicious; f = round(3 per round x 0.3 = 0.9) = 1 (the paper's oracle)."""
-    cfg = load_config(None, ["aggregator.name=median", "aggregator.f=expected"])
+    cfg = load_config(None, ["aggregator.name=dnc", "aggregator.f=expected"])
     assert cfg.num_malicious == 3
     assert cfg.assumed_attackers == 1 and cfg.aggregator_params() == {"f": 1}
+    # rules without an attacker count are not handed f
+    plain = load_config(None, ["aggregator.name=median", "aggregator.f=expected"])
+    assert plain.assumed_attackers == 1 and plain.aggregator_params() == {}
     half = load_config(None, ["attack.malicious_fraction=0.25", "federation.num_clients=10"])
     assert half.num_malicious == 3  # 2.5 rounds half up
 
 
 def test_robust_rule_with_too_few_clients_is_rejected_at_load():
     """Bulyan needs n >= 4f + 3: with 3 clients per round and f = 1 that is 7 > 3."""
-    with pytest.raises(ConfigError, match=r"aggregator: .*bulyan"):
+    with pytest.raises(ConfigError, match=r"^override 'aggregator.name=bulyan': aggregator: bulyan "
+                       r"needs n >= 4f\+3 .*got n=3, f=1"):
         load_config(None, ["aggregator.name=bulyan", "aggregator.f=1"])
 
 

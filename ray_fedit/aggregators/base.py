@@ -1,0 +1,536 @@
+"""Shared pieces of the aggregation rules: the result type, input checks, and chunked maths.
+
+Every rule in this package is a pure function
+
+    rule(updates: Tensor[n, d] fp32, weights: Tensor[n], **params) -> AggregationResult
+
+over the clients' flat LoRA *deltas* (``ray_fedit.models.codec`` flattens them). ``weights`` are
+non-negative per-client sizes (e.g. example counts); rules normalise them to ``p = w / sum(w)``.
+Rules import nothing from Ray or PEFT and do no I/O (STYLE.md L1, L7).
+
+``d`` is large (a 7B model's LoRA r=32 on q/v has 16.8M entries) and ``n`` may be a few hundred, so
+nothing here copies the ``(n, d)`` matrix: pairwise geometry goes through the ``n x n`` Gram
+matrix, accumulated over column chunks in float64, and coordinate-wise rules work on column chunks
+whose size keeps each chunk in the CPU cache.
+
+``AggregationResult.client_weights`` reports who was trusted: entry ``i`` is the coefficient of
+client ``i``'s (possibly clipped) value in the aggregate, averaged over coordinates. For rules that
+output a convex combination (mean, median, trimmed mean, Krum, Multi-Krum, Bulyan, DnC, geometric
+median, residual) the weights sum to 1; for coordinate-wise rules a client's weight is the share of
+coordinates where its value was kept (ties share the credit equally, so the weights are exactly
+permutation-equivariant). Rules that also shrink the update (norm clipping, centered clipping,
+FoolsGold) report weights that sum to at most 1 and say where the rest went in ``info``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ray_fedit.errors import AggregationError
+from ray_fedit.registry import AGGREGATORS
+
+__all__ = [
+    "AggregationResult",
+    "AggregatorFn",
+    "accepted_params",
+    "centred_gram",
+    "check_params",
+    "column_chunks",
+    "column_median",
+    "combine",
+    "distances_to_combination",
+    "gram_matrix",
+    "mean_over",
+    "order_statistic",
+    "pairwise_sq_distances",
+    "rank_window",
+    "rank_window_mean",
+    "require_int",
+    "require_number",
+    "sq_distances_from_gram",
+    "validate_inputs",
+]
+
+# Elements per column chunk in coordinate-wise rules. Measured on 2 cores with 50 rows: about 2 MB
+# of fp32 keeps a chunk in cache; 4x larger chunks made kthvalue 4x slower and 4x smaller ones
+# doubled the cost of the elementwise passes.
+_CHUNK_ELEMS = 1 << 19
+# Entries per chunk of the Gram matrix: each chunk is one fp32 GEMM, the results are summed in fp64.
+_GRAM_CHUNK_ELEMS = 1 << 21
+# An order statistic at most this many ranks from an end (or from a known one) is found by walking
+# over distinct values (about 7 float passes per rank); further in, torch.kthvalue (one quickselect
+# per column, which cost about as much as 30 passes here) is used.
+_ITERATIVE_KTH_MAX = 4
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """What an aggregation rule returns.
+
+    Attributes:
+        aggregate: the aggregated update, shape ``(d,)``, float32.
+        client_weights: shape ``(n,)``, float32; the coefficient of each client's (possibly
+            clipped) value in ``aggregate``, averaged over coordinates (see the module docstring).
+        info: JSON-serialisable diagnostics (selected clients, scores, iterations, ...), logged
+            per round by the runner.
+    """
+
+    aggregate: Tensor
+    client_weights: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+AggregatorFn = Callable[..., AggregationResult]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter checks (config time and run time share the same messages)
+# --------------------------------------------------------------------------------------------------
+
+
+def require_int(rule: str, name: str, value: Any, minimum: int = 0) -> int:
+    """Return ``value`` if it is an int >= ``minimum`` (bools rejected), else raise.
+
+    Raises:
+        AggregationError: naming the rule, the parameter, the value and the allowed range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AggregationError(
+            f"{rule}: parameter {name}={value!r} must be an integer >= {minimum}; "
+            f"fix aggregator.params.{name}"
+        )
+    return value
+
+
+def require_number(
+    rule: str, name: str, value: Any, *, minimum: float = 0.0, strict: bool = False
+) -> float:
+    """Return ``value`` as a float if it is a real number >= ``minimum`` (> if ``strict``).
+
+    ``inf`` is allowed (it switches clipping off); NaN never is.
+
+    Raises:
+        AggregationError: naming the rule, the parameter, the value and the allowed range.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        op = ">" if strict else ">="
+        raise AggregationError(
+            f"{rule}: parameter {name}={value!r} must be a number {op} {minimum}; "
+            f"fix aggregator.params.{name}"
+        )
+    return float(value)
+
+
+def _keyword_params(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    return {
+        p.name: p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def accepted_params(name: str) -> dict[str, Any]:
+    """The keyword parameters of aggregator ``name`` and their defaults.
+
+    Required parameters (e.g. ``f``) map to ``inspect.Parameter.empty``. A config loader can use
+    this to pass the experiment's attacker count only to rules that take ``f``.
+
+    Raises:
+        RegistryError: unknown aggregator name.
+    """
+    return {k: p.default for k, p in _keyword_params(AGGREGATORS.get(name)).items()}
+
+
+def check_params(name: str, n: int, params: Mapping[str, Any]) -> None:
+    """Reject aggregator settings that cannot work, before any training starts.
+
+    Checks that every key in ``params`` is a keyword parameter of the registered rule, that every
+    required parameter (e.g. ``f``) is given, and the rule's own preconditions for ``n`` clients
+    per round (Bulyan ``n >= 4f+3``, Krum ``n >= 2f+3``, trimmed mean ``2*trim < n``, ...). The
+    rules run the same precondition checks on the actual ``n`` of each round.
+
+    Args:
+        name: registered aggregator name, e.g. ``"krum"``.
+        n: clients aggregated per round (the config's ``clients_per_round``).
+        params: the keyword parameters that will be passed to the rule.
+
+    Raises:
+        RegistryError: unknown aggregator name (the message lists the known ones).
+        AggregationError: unknown or missing parameters, or impossible settings; the message
+            gives the value, the rule and the fix.
+    """
+    fn = AGGREGATORS.get(name)
+    accepted = _keyword_params(fn)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise AggregationError(
+            f"aggregator {name!r} got unknown parameter(s) {unknown}; it accepts "
+            f"{sorted(accepted) or 'no parameters'}. "
+            "Fix: remove or rename them in aggregator.params"
+        )
+    missing = sorted(
+        k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in params
+    )
+    if missing:
+        raise AggregationError(
+            f"aggregator {name!r} needs parameter(s) {missing}; set them in aggregator.params"
+        )
+    require_int(name, "n (clients per round)", n, minimum=1)
+    check = AGGREGATORS.meta(name).get("check")
+    if check is not None:
+        full = {
+            k: p.default for k, p in accepted.items() if p.default is not inspect.Parameter.empty
+        }
+        full.update(params)
+        check(n, full)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_inputs(updates: Tensor, weights: Tensor) -> Tensor:
+    """Check a round's inputs and return the normalised client weights ``p`` (float32, sums to 1).
+
+    The finiteness check costs one fp32 row-sum pass: a NaN or Inf entry makes its row's sum
+    non-finite, and only rows flagged that way are inspected element by element (a finite row whose
+    sum overflows is not an error).
+
+    Raises:
+        AggregationError: wrong shape or dtype, negative/non-finite weights, all weights zero, or a
+            client update containing NaN/Inf (the message lists the client indices).
+    """
+    if not isinstance(updates, Tensor) or updates.ndim != 2:
+        shape = tuple(updates.shape) if isinstance(updates, Tensor) else type(updates).__name__
+        raise AggregationError(f"updates must be a 2-D (n_clients, d) tensor, got {shape}")
+    n, d = updates.shape
+    if n == 0 or d == 0:
+        raise AggregationError(
+            f"updates must have at least one client and one coordinate, got {(n, d)}"
+        )
+    if updates.dtype != torch.float32:
+        raise AggregationError(
+            f"updates must be float32, got {updates.dtype}; "
+            "convert with .float() before aggregating"
+        )
+    if not isinstance(weights, Tensor) or tuple(weights.shape) != (n,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise AggregationError(f"weights must have shape ({n},) to match updates, got {shape}")
+    w = weights.to(torch.float64)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise AggregationError(f"weights must be finite and >= 0, got {weights.tolist()}")
+    total = float(w.sum())
+    if total <= 0.0:
+        raise AggregationError("weights sum to 0: at least one client must have a positive weight")
+    suspicious = (~torch.isfinite(updates.sum(dim=1))).nonzero().flatten().tolist()
+    bad = [i for i in suspicious if not bool(torch.isfinite(updates[i]).all())]
+    if bad:
+        raise AggregationError(
+            f"client update(s) at row(s) {bad} contain NaN or Inf; the round cannot be aggregated. "
+            "Fix the client (lower LR, check the data) or drop it via federation.on_client_failure"
+        )
+    return (w / total).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear combinations and pairwise geometry
+# --------------------------------------------------------------------------------------------------
+
+
+def combine(updates: Tensor, coeffs: Tensor) -> Tensor:
+    """Return ``sum_i coeffs[i] * updates[i]`` as a float32 ``(d,)`` tensor.
+
+    One GEMV over the whole matrix: selecting rows first (``updates[idx]``) would copy them.
+    """
+    return coeffs.to(torch.float32) @ updates
+
+
+def mean_over(p: Tensor, selected: Tensor, rule: str) -> Tensor:
+    """Coefficients of the ``p``-weighted mean over the clients where ``selected`` is True.
+
+    Raises:
+        AggregationError: if every selected client has weight 0 (the mean is undefined).
+    """
+    coeffs = torch.where(selected, p, 0.0)
+    total = float(coeffs.sum())
+    if total <= 0.0:
+        chosen = selected.nonzero().flatten().tolist()
+        raise AggregationError(
+            f"{rule}: the selected clients {chosen} all have weight 0, so their weighted mean is "
+            "undefined; give every client a positive weight (its example count)"
+        )
+    return coeffs / total
+
+
+def _column_ranges(d: int, cols: int) -> Iterator[slice]:
+    for start in range(0, d, cols):
+        yield slice(start, min(start + cols, d))
+
+
+def column_chunks(updates: Tensor, elems: int | None = None) -> Iterator[slice]:
+    """Column slices of ``updates`` with about ``elems`` entries each (default ``_CHUNK_ELEMS``)."""
+    n, d = updates.shape
+    return _column_ranges(d, max(1, (elems or _CHUNK_ELEMS) // n))
+
+
+def gram_matrix(
+    updates: Tensor,
+    *,
+    center: bool = True,
+    pivot: int | None = None,
+    extra: Tensor | None = None,
+    offset: Tensor | None = None,
+) -> Tensor:
+    """Gram matrix ``X X^T`` of the rows of ``X``, in float64, without copying ``updates``.
+
+    ``X`` is ``updates`` (plus ``offset`` if given, e.g. FoolsGold's history), with the rows of
+    ``extra`` appended (e.g. the center of centered clipping). With ``center=True`` each column
+    chunk is shifted by its column mean, or by row ``pivot`` of ``updates`` if given, before the
+    product. Distances and affine combinations (coefficients summing to 1) do not change under a
+    common shift, but the shift removes the common component that would otherwise cancel
+    catastrophically in ``G_ii + G_jj - 2 G_ij``. Each chunk's product is an fp32 GEMM over at
+    most ``2**21 / rows`` columns and the chunks are summed in float64: the error of an entry is
+    about 1e-7 of the largest shifted squared norm (fp64 products were 5x slower at n=50).
+
+    Args:
+        updates: ``(n, d)`` float32.
+        center: shift the rows by the per-coordinate mean (or by row ``pivot``) first.
+        pivot: index of the row to shift by instead of the mean.
+        extra: optional ``(d,)`` or ``(k, d)`` rows appended after the clients.
+        offset: optional ``(n, d)`` added to ``updates`` row by row.
+
+    Returns:
+        ``(n + k, n + k)`` float64 Gram matrix.
+    """
+    if extra is not None and extra.ndim == 1:
+        extra = extra.unsqueeze(0)
+    rows = updates.shape[0] + (0 if extra is None else extra.shape[0])
+    gram = torch.zeros(rows, rows, dtype=torch.float64)
+    for sl in _column_ranges(updates.shape[1], max(1, _GRAM_CHUNK_ELEMS // rows)):
+        x = updates[:, sl]
+        if offset is not None:
+            x = x + offset[:, sl]
+        if extra is not None:
+            x = torch.cat([x, extra[:, sl].to(torch.float32)])
+        if center:
+            x = x - (x.mean(dim=0) if pivot is None else x[pivot])
+        gram += (x @ x.T).to(torch.float64)
+    return gram
+
+
+def sq_distances_from_gram(gram: Tensor) -> Tensor:
+    """Squared Euclidean distances ``G_ii + G_jj - 2 G_ij`` (clamped at 0, exact zero diagonal)."""
+    diag = gram.diagonal()
+    dist = (diag[:, None] + diag[None, :] - 2.0 * gram).clamp_min_(0.0)
+    dist.fill_diagonal_(0.0)
+    return dist
+
+
+def centred_gram(updates: Tensor, *, extra: Tensor | None = None) -> Tensor:
+    """A shifted Gram matrix whose distances stay accurate near the bulk of the clients.
+
+    Centring on the mean is enough while the clients are of similar scale. A far-away minority
+    (e.g. a scaling attack) drags the mean away from the others, and the fp32 products then lose
+    the small distances between the honest clients (the error scales with the shifted norms). When
+    the typical shifted norm is more than 16x the typical distance to the medoid (the client with
+    the smallest summed distance to the rest), the Gram matrix is recomputed shifted by the medoid's
+    row, which keeps the errors at the scale of the honest spread. Extra rows are shifted alike.
+
+    Returns:
+        ``(n + k, n + k)`` float64 Gram matrix of shifted rows (``k`` extra rows).
+    """
+    gram = gram_matrix(updates, center=True, extra=extra)
+    n = updates.shape[0]
+    if n < 3:
+        return gram
+    dist = sq_distances_from_gram(gram[:n, :n])
+    medoid = int(torch.argmin(dist.sqrt().sum(dim=1)))
+    spread = float(dist[medoid].median())
+    if float(gram.diagonal()[:n].median()) > 16.0 * spread:
+        gram = gram_matrix(updates, center=True, pivot=medoid, extra=extra)
+    return gram
+
+
+def pairwise_sq_distances(updates: Tensor) -> Tensor:
+    """``(n, n)`` float64 matrix of squared Euclidean distances between the rows of ``updates``."""
+    return sq_distances_from_gram(centred_gram(updates))
+
+
+def distances_to_combination(gram: Tensor, coeffs: Tensor) -> Tensor:
+    """Euclidean distances from ``v = sum_j coeffs[j] x_j`` to every row ``x_i``.
+
+    ``||v - x_i||^2 = c^T G c - 2 (G c)_i + G_ii``. With ``sum(coeffs) == 1`` this holds for a
+    centred Gram matrix too, so iterative rules (Weiszfeld, centered clipping) run in the
+    ``n``-dimensional coefficient space and touch the ``(n, d)`` matrix only once at the end.
+    """
+    gc = gram @ coeffs
+    sq = (coeffs @ gc) - 2.0 * gc + gram.diagonal()
+    return sq.clamp_min(0.0).sqrt()
+
+
+# --------------------------------------------------------------------------------------------------
+# Coordinate-wise order statistics (median, trimmed mean, Bulyan)
+#
+# These work on (n, c) column chunks with float arithmetic only: on this CPU, comparisons that
+# produce bool tensors and torch.where with a scalar ran 5-30x slower than sub/sign/sum/amin on
+# the same chunk. Counts come from s = sign(x - v) (sum(s) = #greater - #less, sum(|s|) =
+# #greater + #less), exact for n < 2**24.
+# --------------------------------------------------------------------------------------------------
+
+
+def _signs(x: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, #less, #greater)`` per column for ``s = sign(x - value)``.
+
+    ``x - value`` rounds, but its sign is exact (IEEE subtraction is 0 only for equal inputs and
+    overflows keep their sign).
+    """
+    s = torch.sign(x - value)
+    total = s.sum(dim=0)
+    both = s.abs().sum(dim=0)
+    return s, (both - total) * 0.5, (both + total) * 0.5
+
+
+def _mask_offset(x: Tensor) -> float:
+    """An offset above ``2 max |x|``, so ``x + offset`` exceeds and ``x - offset`` undercuts every
+    entry of ``x``. Infinite only for entries near the float32 limit (callers then use kthvalue).
+    """
+    return 2.0 * float(x.abs().amax()) + 1.0
+
+
+def _walk(
+    x: Tensor,
+    value: Tensor,
+    s: Tensor,
+    reached: Tensor,
+    k: int,
+    rounds: int,
+    offset: float,
+    *,
+    up: bool,
+) -> Tensor:
+    """Walk each column from ``value`` over its distinct values until ``k`` entries are covered.
+
+    Going up, ``reached = #(x <= value)`` and the result is the k-th smallest; going down,
+    ``reached = #(x >= value)`` and the result is the k-th largest. ``s = sign(x - value)``. The
+    next distinct value is the min over ``x + offset (1 - s)`` (entries above ``value`` unchanged,
+    the others pushed past every entry), or the max over ``x - offset (1 + s)`` going down. Each
+    round costs about 7 passes over the chunk, against roughly 30 for one kthvalue.
+    """
+    n = x.shape[0]
+    result = value
+    done = reached >= k
+    for _ in range(rounds):
+        if bool(done.all()):
+            break
+        if up:
+            value = torch.add(x, 1.0 - s, alpha=offset).amin(dim=0)
+        else:
+            value = torch.add(x, 1.0 + s, alpha=-offset).amax(dim=0)
+        s, less, greater = _signs(x, value)
+        newly = (n - (greater if up else less) >= k) & ~done
+        result = torch.where(newly, value, result)
+        done |= newly
+    return result
+
+
+def order_statistic(x: Tensor, k: int) -> Tensor:
+    """The k-th smallest value (1-based) of each column of a ``(n, c)`` chunk, ties counted."""
+    n = x.shape[0]
+    if k == 1:
+        return x.amin(dim=0)
+    if k == n:
+        return x.amax(dim=0)
+    offset = _mask_offset(x)
+    if math.isfinite(offset):
+        if k - 1 <= _ITERATIVE_KTH_MAX:
+            low = x.amin(dim=0)
+            s, _, greater = _signs(x, low)
+            return _walk(x, low, s, n - greater, k, k - 1, offset, up=True)
+        if n - k <= _ITERATIVE_KTH_MAX:
+            high = x.amax(dim=0)
+            s, less, _ = _signs(x, high)
+            return _walk(x, high, s, n - less, n - k + 1, n - k, offset, up=False)
+    # kthvalue along the last dim of a contiguous (c, n) copy was 3-4x faster than along dim 0.
+    return x.T.contiguous().kthvalue(k, dim=1).values
+
+
+def column_median(x: Tensor) -> Tensor:
+    """Per-column median of a ``(n, c)`` chunk (mean of the two middle values for even ``n``)."""
+    n = x.shape[0]
+    lo = order_statistic(x, (n + 1) // 2)
+    if n % 2:
+        return lo
+    offset = _mask_offset(x)
+    if not math.isfinite(offset):
+        return (lo + order_statistic(x, n // 2 + 1)) / 2.0
+    s, _, greater = _signs(x, lo)
+    hi = _walk(x, lo, s, n - greater, n // 2 + 1, 1, offset, up=True)
+    return (lo + hi) / 2.0
+
+
+def _tie_share(lt: Tensor, le: Tensor, lo_rank: int, hi_rank: int) -> Tensor:
+    """Share of a tie class (ranks lt+1..le) that falls in the kept ranks lo_rank..hi_rank."""
+    overlap = (torch.clamp(le, max=hi_rank) - torch.clamp(lt, min=lo_rank - 1)).clamp_min(0)
+    return overlap / (le - lt)
+
+
+def rank_window(scores: Tensor, lo_rank: int, hi_rank: int) -> Tensor:
+    """Per-entry weights that select ranks ``lo_rank..hi_rank`` (1-based) in each column.
+
+    Returns a float32 ``(n, c)`` matrix ``W`` with ``W = 1`` for entries strictly inside the window,
+    ``0`` outside, and, for a value tied across the window boundary, the fraction of its tie class
+    inside the window. Each column sums to ``hi_rank - lo_rank + 1``. ``W`` depends only on the
+    values, not the row order, so rules built on it are exactly permutation-equivariant.
+    """
+    n = scores.shape[0]
+    lo = order_statistic(scores, lo_rank)
+    s_lo, lt_lo, gt_lo = _signs(scores, lo)
+    le_lo = n - gt_lo
+    if hi_rank == lo_rank:
+        hi, s_hi, lt_hi, le_hi = lo, s_lo, lt_lo, le_lo
+    else:
+        offset = _mask_offset(scores)
+        if hi_rank - lo_rank <= _ITERATIVE_KTH_MAX and math.isfinite(offset):
+            # e.g. the upper middle value of an even-sized median: walk up from lo.
+            hi = _walk(scores, lo, s_lo, le_lo, hi_rank, hi_rank - lo_rank, offset, up=True)
+        else:
+            hi = order_statistic(scores, hi_rank)
+        s_hi, lt_hi, gt_hi = _signs(scores, hi)
+        le_hi = n - gt_hi
+    # Entries in [lo, hi]: s_lo >= 0 and s_hi <= 0, i.e. min(s_lo + 1, 1) * min(1 - s_hi, 1).
+    weights = (s_lo + 1.0).clamp_(max=1.0).mul_((1.0 - s_hi).clamp_(max=1.0))
+    share_lo = _tie_share(lt_lo, le_lo, lo_rank, hi_rank)
+    share_hi = torch.where(hi == lo, 1.0, _tie_share(lt_hi, le_hi, lo_rank, hi_rank))
+    # A boundary value tied across the window edge keeps only its share (1 - |s| marks x == v).
+    if bool((share_lo < 1.0).any()):
+        weights.addcmul_(1.0 - s_lo.abs(), share_lo - 1.0)
+    if bool((share_hi < 1.0).any()):
+        weights.addcmul_(1.0 - s_hi.abs(), share_hi - 1.0)
+    return weights
+
+
+def rank_window_mean(
+    values: Tensor, scores: Tensor, lo_rank: int, hi_rank: int
+) -> tuple[Tensor, Tensor]:
+    """Mean of the ``values`` whose ``scores`` rank in ``lo_rank..hi_rank``, per column.
+
+    Returns:
+        ``(mean (c,), credit (n,))`` where ``credit[i]`` sums client ``i``'s share over the chunk's
+        columns (float64), each column contributing a total of 1.
+    """
+    w = rank_window(scores, lo_rank, hi_rank)
+    k = float(hi_rank - lo_rank + 1)
+    mean = (w * values).sum(dim=0) / k
+    credit = w.sum(dim=1).to(torch.float64) / k
+    return mean, credit

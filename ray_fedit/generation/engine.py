@@ -1,0 +1,116 @@
+"""One entry point for batched inference: :func:`generate`, over the ``hf``, ``vllm`` and ``http``
+engines, each run as a Ray Data pipeline.
+
+``generate`` turns input rows into request rows (:func:`~ray_fedit.generation.rows.to_request`),
+runs the configured engine over them as a Ray Data pipeline, and joins the responses back onto the
+input rows in their original order (:func:`~ray_fedit.generation.rows.from_response`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ray_fedit.config import GenerationConfig, ModelConfig
+from ray_fedit.data.templates import Template
+from ray_fedit.generation.errors import GenerationError
+from ray_fedit.generation.rows import SamplingParams, from_response, to_request
+
+log = logging.getLogger(__name__)
+
+
+def generate(rows: Sequence[Mapping[str, Any]], *, prompt_field: str, model_cfg: ModelConfig,
+             gen_cfg: GenerationConfig, template: Template,
+             adapter_dir: str | Path | None = None, seed: int = 0,
+             sampling: SamplingParams | None = None) -> list[dict[str, Any]]:
+    """Answer the prompt of every row with the configured engine.
+
+    Args:
+        rows: input rows (any columns); each holds a user turn in ``prompt_field``, and may hold an
+            int ``seed`` (its own sampling seed; otherwise one is derived from ``seed`` and the
+            prompt, so results do not depend on batching, order or actors).
+        prompt_field: the column holding the user turn (before the chat/Alpaca template).
+        model_cfg: the base model (``hf``, ``vllm``); the ``http`` engine uses
+            ``gen_cfg.http.model`` instead.
+        gen_cfg: engine, batch size, sampling, actors.
+        template: ``chat`` (the model's chat template) or ``alpaca``.
+        adapter_dir: a PEFT LoRA adapter directory applied to the base model (e.g. a run's global
+            adapter); ``hf`` merges it once per actor, ``vllm`` applies it per row.
+        seed: base seed of the row seeds.
+        sampling: decoding settings; default from ``gen_cfg``.
+
+    Returns:
+        The input rows, in order, each with ``response`` (stripped text), ``finish_reason``
+        (``stop``/``length``, or ``""`` where the engine does not say) and
+        ``num_generated_tokens`` added.
+
+    Raises:
+        GenerationError: if the engine cannot run here or a request failed for good.
+    """
+    sampling = sampling or SamplingParams.from_config(gen_cfg)
+    requests = [to_request(r, i, prompt_field=prompt_field, seed=seed) for i, r in enumerate(rows)]
+    if not requests:
+        return []
+    kwargs = {"model_cfg": model_cfg, "gen": gen_cfg, "template": template, "sampling": sampling,
+              "adapter_dir": adapter_dir}
+    if gen_cfg.engine == "hf":
+        outputs = _run_hf(requests, **kwargs)
+    elif gen_cfg.engine == "http":
+        outputs = _run_http(requests, gen=gen_cfg, sampling=sampling)
+    else:
+        from ray_fedit.generation import vllm
+
+        outputs = vllm.run(requests, **kwargs)
+    by_idx = {int(o["_idx"]): from_response(o) for o in outputs}
+    if len(by_idx) != len(requests):
+        raise GenerationError(f"engine {gen_cfg.engine!r} returned {len(by_idx)} responses for "
+                              f"{len(requests)} prompts")
+    return [{**row, **{k: v for k, v in by_idx[i].items() if k != "_idx"}}
+            for i, row in enumerate(rows)]
+
+
+def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: GenerationConfig,
+            template: Template, sampling: SamplingParams,
+            adapter_dir: str | Path | None) -> list[dict[str, Any]]:
+    import ray
+
+    from ray_fedit.generation.hf import HFGenerator
+
+    # Longest prompts first: neighbours in a batch have similar lengths, so less left padding.
+    # Row seeds make the answers independent of this order.
+    ordered = sorted(requests, key=lambda r: len(r["prompt"]), reverse=True)
+    ds = ray.data.from_items(ordered).map_batches(
+        HFGenerator,
+        fn_constructor_kwargs={
+            "model_cfg": model_cfg.model_dump(), "template": template,
+            "sampling": sampling.as_dict(),
+            "adapter_dir": None if adapter_dir is None else str(Path(adapter_dir).resolve()),
+            "torch_threads": gen.torch_threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
+        batch_size=gen.batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        num_gpus=gen.gpus_per_actor,
+    )
+    return ds.take_all()
+
+
+def _run_http(requests: list[dict[str, Any]], *, gen: GenerationConfig,
+              sampling: SamplingParams) -> list[dict[str, Any]]:
+    import ray
+
+    from ray_fedit.generation.http import HttpChatGenerator, api_key_from_env
+
+    ds = ray.data.from_items(requests).map_batches(
+        HttpChatGenerator,
+        fn_constructor_kwargs={"http": gen.http.model_dump(), "sampling": sampling.as_dict(),
+                               "api_key": api_key_from_env(gen.http)},
+        compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
+        batch_size=gen.batch_size,
+        batch_format="numpy",
+        num_cpus=0,  # waits on the network; it should not hold a CPU other work could use
+    )
+    return ds.take_all()
