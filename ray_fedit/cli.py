@@ -69,7 +69,14 @@ def _load(config: str | None, overrides: Sequence[str]):  # noqa: ANN202
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ray-fedit`` and ``python -m ray_fedit``; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positional overrides at the first option (`run C --stages x a=b`):
+    # overrides after options are still overrides; anything else is an error.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except ConfigError as e:

