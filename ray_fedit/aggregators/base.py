@@ -27,9 +27,11 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,6 +47,7 @@ __all__ = [
     "column_chunks",
     "column_median",
     "combine",
+    "coordinatewise",
     "distances_to_combination",
     "gram_matrix",
     "mean_over",
@@ -54,20 +57,16 @@ __all__ = [
     "rank_window_mean",
     "require_int",
     "require_number",
+    "sorted_columns",
     "sq_distances_from_gram",
     "validate_inputs",
 ]
 
-# Elements per column chunk in coordinate-wise rules. Measured on 2 cores with 50 rows: about 2 MB
-# of fp32 keeps a chunk in cache; 4x larger chunks made kthvalue 4x slower and 4x smaller ones
-# doubled the cost of the elementwise passes.
-_CHUNK_ELEMS = 1 << 19
+# Elements per column chunk in coordinate-wise rules: 256 KB of fp32 stays in L2. Measured with
+# 50 clients, chunks of 2**15-2**16 entries ran the median 1.2-1.7x faster than 2**18-2**19.
+_CHUNK_ELEMS = 1 << 16
 # Entries per chunk of the Gram matrix: each chunk is one fp32 GEMM, the results are summed in fp64.
 _GRAM_CHUNK_ELEMS = 1 << 21
-# An order statistic at most this many ranks from an end (or from a known one) is found by walking
-# over distinct values (about 7 float passes per rank); further in, torch.kthvalue (one quickselect
-# per column, which cost about as much as 30 passes here) is used.
-_ITERATIVE_KTH_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -284,6 +283,35 @@ def column_chunks(updates: Tensor, elems: int | None = None) -> Iterator[slice]:
     return _column_ranges(d, max(1, (elems or _CHUNK_ELEMS) // n))
 
 
+def coordinatewise(
+    updates: Tensor, chunk_fn: Callable[[Tensor], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Run a coordinate-wise rule chunk by chunk and assemble its output.
+
+    ``chunk_fn`` maps an ``(n, c)`` column chunk (a view) to ``(aggregate (c,), credit (n,))``.
+    Chunks are independent and their work is numpy sorts and comparisons, which release the GIL,
+    so they run on ``torch.get_num_threads()`` threads; results are collected in chunk order, so
+    the output does not depend on the thread count.
+
+    Returns:
+        ``(aggregate (d,) float32, credit (n,) float64)`` with the credits summed over chunks.
+    """
+    n, d = updates.shape
+    out = torch.empty(d, dtype=torch.float32)
+    credit = torch.zeros(n, dtype=torch.float64)
+    slices = list(column_chunks(updates))
+    workers = min(torch.get_num_threads(), len(slices))
+
+    def run(sl: slice) -> tuple[Tensor, Tensor]:
+        return chunk_fn(updates[:, sl])
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for sl, (values, part) in zip(slices, pool.map(run, slices), strict=True):
+            out[sl] = values
+            credit += part
+    return out, credit
+
+
 def gram_matrix(
     updates: Tensor,
     *,
@@ -382,107 +410,58 @@ def distances_to_combination(gram: Tensor, coeffs: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Coordinate-wise order statistics (median, trimmed mean, Bulyan)
 #
-# These work on (n, c) column chunks with float arithmetic only: on this CPU, comparisons that
-# produce bool tensors and torch.where with a scalar ran 5-30x slower than sub/sign/sum/amin on
-# the same chunk. Counts come from s = sign(x - v) (sum(s) = #greater - #less, sum(|s|) =
-# #greater + #less), exact for n < 2**24.
+# These run on numpy views of (n, c) column chunks (no copy of the input): numpy's vectorised
+# float32 sort along the client axis was 4-5x faster than torch.kthvalue and 10x faster than
+# torch.sort on this CPU, and numpy's comparisons and bool counts 4-15x faster than the torch
+# equivalents on chunks of this size.
 # --------------------------------------------------------------------------------------------------
 
 
-def _signs(x: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s, #less, #greater)`` per column for ``s = sign(x - value)``.
-
-    ``x - value`` rounds, but its sign is exact (IEEE subtraction is 0 only for equal inputs and
-    overflows keep their sign).
-    """
-    s = torch.sign(x - value)
-    total = s.sum(dim=0)
-    both = s.abs().sum(dim=0)
-    return s, (both - total) * 0.5, (both + total) * 0.5
-
-
-def _mask_offset(x: Tensor) -> float:
-    """An offset above ``2 max |x|``, so ``x + offset`` exceeds and ``x - offset`` undercuts every
-    entry of ``x``. Infinite only for entries near the float32 limit (callers then use kthvalue).
-    """
-    return 2.0 * float(x.abs().amax()) + 1.0
-
-
-def _walk(
-    x: Tensor,
-    value: Tensor,
-    s: Tensor,
-    reached: Tensor,
-    k: int,
-    rounds: int,
-    offset: float,
-    *,
-    up: bool,
-) -> Tensor:
-    """Walk each column from ``value`` over its distinct values until ``k`` entries are covered.
-
-    Going up, ``reached = #(x <= value)`` and the result is the k-th smallest; going down,
-    ``reached = #(x >= value)`` and the result is the k-th largest. ``s = sign(x - value)``. The
-    next distinct value is the min over ``x + offset (1 - s)`` (entries above ``value`` unchanged,
-    the others pushed past every entry), or the max over ``x - offset (1 + s)`` going down. Each
-    round costs about 7 passes over the chunk, against roughly 30 for one kthvalue.
-    """
-    n = x.shape[0]
-    result = value
-    done = reached >= k
-    for _ in range(rounds):
-        if bool(done.all()):
-            break
-        if up:
-            value = torch.add(x, 1.0 - s, alpha=offset).amin(dim=0)
-        else:
-            value = torch.add(x, 1.0 + s, alpha=-offset).amax(dim=0)
-        s, less, greater = _signs(x, value)
-        newly = (n - (greater if up else less) >= k) & ~done
-        result = torch.where(newly, value, result)
-        done |= newly
-    return result
+def sorted_columns(x: Tensor) -> np.ndarray:
+    """A sorted copy of the ``(n, c)`` chunk ``x``, every column ascending (``x`` is untouched)."""
+    return np.sort(x.numpy(), axis=0)
 
 
 def order_statistic(x: Tensor, k: int) -> Tensor:
     """The k-th smallest value (1-based) of each column of a ``(n, c)`` chunk, ties counted."""
-    n = x.shape[0]
-    if k == 1:
-        return x.amin(dim=0)
-    if k == n:
-        return x.amax(dim=0)
-    offset = _mask_offset(x)
-    if math.isfinite(offset):
-        if k - 1 <= _ITERATIVE_KTH_MAX:
-            low = x.amin(dim=0)
-            s, _, greater = _signs(x, low)
-            return _walk(x, low, s, n - greater, k, k - 1, offset, up=True)
-        if n - k <= _ITERATIVE_KTH_MAX:
-            high = x.amax(dim=0)
-            s, less, _ = _signs(x, high)
-            return _walk(x, high, s, n - less, n - k + 1, n - k, offset, up=False)
-    # kthvalue along the last dim of a contiguous (c, n) copy was 3-4x faster than along dim 0.
-    return x.T.contiguous().kthvalue(k, dim=1).values
+    return torch.from_numpy(sorted_columns(x)[k - 1])
 
 
 def column_median(x: Tensor) -> Tensor:
     """Per-column median of a ``(n, c)`` chunk (mean of the two middle values for even ``n``)."""
     n = x.shape[0]
-    lo = order_statistic(x, (n + 1) // 2)
-    if n % 2:
-        return lo
-    offset = _mask_offset(x)
-    if not math.isfinite(offset):
-        return (lo + order_statistic(x, n // 2 + 1)) / 2.0
-    s, _, greater = _signs(x, lo)
-    hi = _walk(x, lo, s, n - greater, n // 2 + 1, 1, offset, up=True)
-    return (lo + hi) / 2.0
+    srt = sorted_columns(x)
+    return torch.from_numpy((srt[(n - 1) // 2] + srt[n // 2]) * np.float32(0.5))
 
 
-def _tie_share(lt: Tensor, le: Tensor, lo_rank: int, hi_rank: int) -> Tensor:
-    """Share of a tie class (ranks lt+1..le) that falls in the kept ranks lo_rank..hi_rank."""
-    overlap = (torch.clamp(le, max=hi_rank) - torch.clamp(lt, min=lo_rank - 1)).clamp_min(0)
-    return overlap / (le - lt)
+def _tie_share(xn: np.ndarray, value: np.ndarray, lo_rank: int, hi_rank: int) -> np.ndarray:
+    """Share of the tie class of ``value`` (one per column) inside the ranks lo_rank..hi_rank.
+
+    The class occupies ranks ``lt+1..le`` with ``lt = #(x < value)`` and ``le = #(x <= value)``.
+    """
+    lt = np.count_nonzero(xn < value, axis=0)
+    le = np.count_nonzero(xn <= value, axis=0)
+    overlap = np.clip(np.minimum(le, hi_rank) - np.maximum(lt, lo_rank - 1), 0, None)
+    return (overlap / (le - lt)).astype(np.float32)
+
+
+def _window(xn: np.ndarray, srt: np.ndarray, lo_rank: int, hi_rank: int) -> np.ndarray:
+    """The rank-window weights of ``rank_window`` for a chunk and its sorted copy."""
+    n = xn.shape[0]
+    lo, hi = srt[lo_rank - 1], srt[hi_rank - 1]
+    inside = (xn >= lo) & (xn <= hi)
+    # Shares below 1 only arise when the boundary value's tie class reaches outside the window.
+    lo_cut = lo_rank > 1 and bool((srt[lo_rank - 2] == lo).any())
+    hi_cut = hi_rank < n and bool((srt[hi_rank] == hi).any())
+    if not (lo_cut or hi_cut):
+        return inside
+    weights = inside.astype(np.float32)
+    share_lo = _tie_share(xn, lo, lo_rank, hi_rank)
+    weights -= (xn == lo) * (1.0 - share_lo)
+    # When lo == hi their single tie class has been handled by share_lo.
+    share_hi = np.where(hi == lo, np.float32(1.0), _tie_share(xn, hi, lo_rank, hi_rank))
+    weights -= (xn == hi) * (1.0 - share_hi)
+    return weights
 
 
 def rank_window(scores: Tensor, lo_rank: int, hi_rank: int) -> Tensor:
@@ -493,31 +472,8 @@ def rank_window(scores: Tensor, lo_rank: int, hi_rank: int) -> Tensor:
     inside the window. Each column sums to ``hi_rank - lo_rank + 1``. ``W`` depends only on the
     values, not the row order, so rules built on it are exactly permutation-equivariant.
     """
-    n = scores.shape[0]
-    lo = order_statistic(scores, lo_rank)
-    s_lo, lt_lo, gt_lo = _signs(scores, lo)
-    le_lo = n - gt_lo
-    if hi_rank == lo_rank:
-        hi, s_hi, lt_hi, le_hi = lo, s_lo, lt_lo, le_lo
-    else:
-        offset = _mask_offset(scores)
-        if hi_rank - lo_rank <= _ITERATIVE_KTH_MAX and math.isfinite(offset):
-            # e.g. the upper middle value of an even-sized median: walk up from lo.
-            hi = _walk(scores, lo, s_lo, le_lo, hi_rank, hi_rank - lo_rank, offset, up=True)
-        else:
-            hi = order_statistic(scores, hi_rank)
-        s_hi, lt_hi, gt_hi = _signs(scores, hi)
-        le_hi = n - gt_hi
-    # Entries in [lo, hi]: s_lo >= 0 and s_hi <= 0, i.e. min(s_lo + 1, 1) * min(1 - s_hi, 1).
-    weights = (s_lo + 1.0).clamp_(max=1.0).mul_((1.0 - s_hi).clamp_(max=1.0))
-    share_lo = _tie_share(lt_lo, le_lo, lo_rank, hi_rank)
-    share_hi = torch.where(hi == lo, 1.0, _tie_share(lt_hi, le_hi, lo_rank, hi_rank))
-    # A boundary value tied across the window edge keeps only its share (1 - |s| marks x == v).
-    if bool((share_lo < 1.0).any()):
-        weights.addcmul_(1.0 - s_lo.abs(), share_lo - 1.0)
-    if bool((share_hi < 1.0).any()):
-        weights.addcmul_(1.0 - s_hi.abs(), share_hi - 1.0)
-    return weights
+    w = _window(scores.numpy(), sorted_columns(scores), lo_rank, hi_rank)
+    return torch.from_numpy(np.asarray(w, dtype=np.float32))
 
 
 def rank_window_mean(
@@ -525,12 +481,24 @@ def rank_window_mean(
 ) -> tuple[Tensor, Tensor]:
     """Mean of the ``values`` whose ``scores`` rank in ``lo_rank..hi_rank``, per column.
 
+    When ``values`` is ``scores`` (median, trimmed mean) the mean is read off the sorted copy.
+
     Returns:
         ``(mean (c,), credit (n,))`` where ``credit[i]`` sums client ``i``'s share over the chunk's
         columns (float64), each column contributing a total of 1.
     """
-    w = rank_window(scores, lo_rank, hi_rank)
-    k = float(hi_rank - lo_rank + 1)
-    mean = (w * values).sum(dim=0) / k
-    credit = w.sum(dim=1).to(torch.float64) / k
-    return mean, credit
+    xn = scores.numpy()
+    srt = sorted_columns(scores)
+    w = _window(xn, srt, lo_rank, hi_rank)
+    k = hi_rank - lo_rank + 1
+    if values is scores:
+        mean = srt[lo_rank - 1 : hi_rank].sum(axis=0)
+    elif w.dtype == bool:
+        mean = np.where(w, values.numpy(), np.float32(0.0)).sum(axis=0)
+    else:
+        mean = (w * values.numpy()).sum(axis=0)
+    if w.dtype == bool:
+        credit = np.count_nonzero(w, axis=1).astype(np.float64)
+    else:
+        credit = w.sum(axis=1, dtype=np.float64)
+    return torch.from_numpy(mean / np.float32(k)), torch.from_numpy(credit / k)

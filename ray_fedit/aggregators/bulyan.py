@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    column_chunks,
     column_median,
+    coordinatewise,
     pairwise_sq_distances,
     rank_window_mean,
     require_int,
@@ -94,15 +95,17 @@ def bulyan(updates: Tensor, weights: Tensor, *, f: int) -> AggregationResult:
     chosen = bulyan_selection(pairwise_sq_distances(updates), f)
     theta = len(chosen)
     beta = theta - 2 * f
-    rows = torch.tensor(sorted(chosen))
-    out = torch.empty(d, dtype=torch.float32)
-    credit = torch.zeros(theta, dtype=torch.float64)
-    for sl in column_chunks(updates):
-        x = updates[:, sl].index_select(0, rows)
+    rows = np.array(sorted(chosen))
+
+    def chunk(x: Tensor) -> tuple[Tensor, Tensor]:
+        sel = x.numpy()[rows]  # (theta, c) copy of the selected clients' values
         # With f = 0 every selected value is kept and the median is not needed.
-        dist = x if beta == theta else (x - column_median(x)).abs()
-        out[sl], part = rank_window_mean(x, dist, 1, beta)
-        credit += part
-    client_weights = torch.zeros(n, dtype=torch.float32)
-    client_weights[rows] = (credit / d).to(torch.float32)
-    return AggregationResult(out, client_weights, {"selected": sorted(chosen)})
+        dist = sel if beta == theta else np.abs(sel - column_median(torch.from_numpy(sel)).numpy())
+        mean, part = rank_window_mean(torch.from_numpy(sel), torch.from_numpy(dist), 1, beta)
+        credit = torch.zeros(n, dtype=torch.float64)
+        credit[index] = part
+        return mean, credit
+
+    index = torch.from_numpy(rows)
+    out, credit = coordinatewise(updates, chunk)
+    return AggregationResult(out, (credit / d).to(torch.float32), {"selected": sorted(chosen)})

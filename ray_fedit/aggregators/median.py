@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    column_chunks,
+    coordinatewise,
     rank_window_mean,
     validate_inputs,
 )
@@ -44,10 +44,7 @@ def median(updates: Tensor, weights: Tensor) -> AggregationResult:
     """
     validate_inputs(updates, weights)
     n, d = updates.shape
-    out = torch.empty(d, dtype=torch.float32)
-    credit = torch.zeros(n, dtype=torch.float64)
-    for sl in column_chunks(updates):
-        x = updates[:, sl]
-        out[sl], part = rank_window_mean(x, x, (n + 1) // 2, n // 2 + 1)
-        credit += part
+    out, credit = coordinatewise(
+        updates, lambda x: rank_window_mean(x, x, (n + 1) // 2, n // 2 + 1)
+    )
     return AggregationResult(out, (credit / d).to(torch.float32), {})

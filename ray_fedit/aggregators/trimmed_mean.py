@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    column_chunks,
+    coordinatewise,
     rank_window_mean,
     require_int,
     require_number,
@@ -95,10 +95,5 @@ def trimmed_mean(
     validate_inputs(updates, weights)
     n, d = updates.shape
     t = resolve_trim(n, trim, trim_fraction)
-    out = torch.empty(d, dtype=torch.float32)
-    credit = torch.zeros(n, dtype=torch.float64)
-    for sl in column_chunks(updates):
-        x = updates[:, sl]
-        out[sl], part = rank_window_mean(x, x, t + 1, n - t)
-        credit += part
+    out, credit = coordinatewise(updates, lambda x: rank_window_mean(x, x, t + 1, n - t))
     return AggregationResult(out, (credit / d).to(torch.float32), {"trim": t})

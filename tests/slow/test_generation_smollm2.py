@@ -28,7 +28,9 @@ SMOLLM2 = ModelConfig()
 
 @pytest.fixture(scope="module")
 def smollm2():
-    torch.set_num_threads(2)
+    # One thread: on a shared 2-core machine two OpenMP threads stall each other badly when
+    # other processes run (measured 5x slower per step); alone, two are only a bit faster.
+    torch.set_num_threads(1)
     return load_generator_model(SMOLLM2, None, "cpu")
 
 
@@ -57,7 +59,7 @@ def local_engine(smollm2, monkeypatch):
 def _cfg(**sections):
     gen = GenerationConfig(max_new_tokens=24, batch_size=8, num_attack=3,
                            harmful_sources=[DataSourceConfig(kind="package", path="harmbench",
-                                                             is_harmful=True, limit=6)],
+                                                             is_harmful=True, limit=4)],
                            defense_instructions="sources")
     return RunConfig.model_construct(model=SMOLLM2, generation=gen, **sections)
 
@@ -75,13 +77,13 @@ def test_attack_rows_from_smollm2(local_engine, tmp_path):
 
 
 def test_defense_rows_from_smollm2(local_engine, tmp_path):
-    cfg = _cfg(defense=DefenseConfig(level=2, num_samples=4, aligned_ratio=0.5))
+    cfg = _cfg(defense=DefenseConfig(level=2, num_samples=2, aligned_ratio=0.5))
     data = pipelines.generate_dataset("defense", cfg, out_dir=tmp_path)
     aligned = [r for r in data.records if r["meta"]["part"] == "aligned"]
     normal = [r for r in data.records if r["meta"]["part"] == "normal"]
-    assert len(normal) == 2 and all(len(r["response"]) > 20 for r in normal)
+    assert len(normal) == 1 and len(normal[0]["response"]) > 20
     # SmolLM2 refuses rarely even with the reminder: whatever it kept must be refusals.
-    assert len(aligned) == data.stats["aligned"]["rows"] <= 2
+    assert len(aligned) == data.stats["aligned"]["rows"] <= 1
     assert all(is_refusal(r["response"], word_boundary=True) for r in aligned)
     share = data.stats["aligned"]["answers"]["kept_share"]
     assert share is not None and 0.0 <= share <= 1.0

@@ -81,6 +81,20 @@ def test_output_shapes_and_dtypes(name):
     json.dumps(res.info, allow_nan=False)  # the runner logs info to rounds.jsonl
 
 
+@pytest.mark.parametrize("shape", [(N, D), (N, 1), (3, D)])
+@pytest.mark.parametrize("name", RULES)
+def test_inputs_are_not_modified(name, shape):
+    """Including the degenerate shapes where a transposed view already counts as contiguous."""
+    updates = torch.randn(*shape, generator=torch.Generator().manual_seed(8))
+    weights = torch.arange(1.0, shape[0] + 1)
+    before = (updates.clone(), weights.clone())
+    params = dict(BATTERY_PARAMS[name])
+    if shape[0] < N:  # 3 clients: no attacker budget
+        params = {k: (0 if k in ("f", "trim") else v) for k, v in params.items()}
+    AGGREGATORS.get(name)(updates, weights, **params)
+    assert torch.equal(updates, before[0]) and torch.equal(weights, before[1])
+
+
 @pytest.mark.parametrize("name", [r for r in RULES if applies(r, "permutation")])
 def test_permuting_clients_permutes_client_weights_only(name):
     updates, weights = random_round(1)

@@ -19,7 +19,9 @@ SEEDS = [11, 22, 33]
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(2)
+    # One thread: on a shared 2-core machine two OpenMP threads stall each other badly when
+    # other processes run (measured 5x slower per step); alone, two are only a bit faster.
+    torch.set_num_threads(1)
     return load_generator_model(TINY, None, "cpu")
 
 
