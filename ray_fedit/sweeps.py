@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +178,10 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     from ray_fedit.report import write_sweep_report
 
     sweep = load_sweep(path, overrides)
+    # Trials read data files relative to where the sweep was started (as `ray-fedit run` does), so
+    # Tune must not move them into their trial directories; workers inherit this from the raylet a
+    # local ray.init starts, and cluster/runtime_env.yaml sets it for `ray job submit`.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     storage = Path(sweep.trials[0].config.output.root).resolve() / "sweeps"
     sweep_dir = storage / sweep.spec.name
     print(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials "
