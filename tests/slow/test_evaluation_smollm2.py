@@ -10,27 +10,12 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from ray_fedit.config import load_config
 from ray_fedit.judges.rule import is_refusal
 
 
-@pytest.fixture(scope="module")
-def ray_running():
-    """The session's Ray when the ray tier already started it; otherwise a local one for here."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_smollm2_advbench_rule_judge(ray_running, tmp_path):
+def test_smollm2_advbench_rule_judge(ray_session, tmp_path):
     cfg = load_config(None, [
         "model.name=smollm2-135m-instruct", "defense.name=none",
         "evaluation.benchmarks=[{name: advbench, num_prompts: 8, append_period: true}]",

@@ -10,28 +10,13 @@ import json
 import time
 
 import numpy as np
-import pytest
 
 from ray_fedit.config import load_config
 from ray_fedit.data.schema import make_record
 from ray_fedit.federation import ClientSpec, run_federation
 
 
-@pytest.fixture(scope="module")
-def ray_running():
-    """The session's Ray when the ray tier already started it; otherwise a local one for here."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_smollm2_two_rounds_and_peft_load(ray_running, tmp_path):
+def test_smollm2_two_rounds_and_peft_load(ray_session, tmp_path):
     from peft import PeftModel
 
     from ray_fedit.models.loading import load_model_and_tokenizer
