@@ -10,42 +10,8 @@ distance to any reference update is at most the largest distance between two ref
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from ray_fedit.attacks.update.base import check_inputs, reference_rows, with_rows
-from ray_fedit.attacks.update.perturbation import optimise
+from ray_fedit.attacks.update.perturbation import gamma_attack
 from ray_fedit.registry import ATTACKS
 
-
-@ATTACKS.register("min_max", kind="update")
-def min_max(
-    deltas: Tensor,
-    malicious_mask: Tensor,
-    *,
-    generator: torch.Generator,
-    perturbation: str = "unit_vec",
-    gamma_init: float = 10.0,
-    tol: float = 1e-5,
-    knowledge: str = "benign",
-) -> Tensor:
-    """Return a copy of ``deltas`` whose malicious rows are the min-max update.
-
-    Args:
-        deltas: ``(n, d)`` client deltas.
-        malicious_mask: ``(n,)`` bool, True for attackers.
-        generator: unused (the attack is deterministic); part of the common signature.
-        perturbation: ``"unit_vec"``, ``"std"`` or ``"sign"``.
-        gamma_init: first ``gamma`` tried (10 in the reference code).
-        tol: bisection tolerance on ``gamma``.
-        knowledge: ``"benign"`` (default), ``"malicious"`` or ``"all"``.
-
-    Raises:
-        ConfigError: bad parameters or too few reference updates.
-    """
-    check_inputs("min_max", deltas, malicious_mask)
-    if not bool(malicious_mask.any()):
-        return deltas.clone()
-    ref = reference_rows("min_max", deltas, malicious_mask, knowledge)
-    mal, _ = optimise("min_max", ref, perturbation, gamma_init, tol, "max")
-    return with_rows(deltas, malicious_mask, mal)
+# Signature and parameters: see ``perturbation.gamma_attack``.
+min_max = ATTACKS.register("min_max", kind="update")(gamma_attack("min_max", "max"))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import gram_matrix, sq_distances_from_gram
-from ray_fedit.attacks.update.base import need_rows
+from ray_fedit.attacks.update.base import check_inputs, need_rows, reference_rows, with_rows
 from ray_fedit.errors import ConfigError
 
 PERTURBATIONS = ("unit_vec", "std", "sign")
@@ -101,3 +101,45 @@ def optimise(
 
     gamma = search_gamma(ok, gamma_init, tol)
     return mu - gamma * dev, gamma
+
+
+def gamma_attack(name: str, criterion: str) -> Callable[..., Tensor]:
+    """The update attack ``name`` that sends :func:`optimise`'s ``mu - gamma * dev`` for ``criterion``.
+
+    Min-max and min-sum differ only in the criterion (``"max"`` or ``"sum"``); each registers the
+    function returned here under its own name.
+    """
+
+    def attack(
+        deltas: Tensor,
+        malicious_mask: Tensor,
+        *,
+        generator: torch.Generator,
+        perturbation: str = "unit_vec",
+        gamma_init: float = 10.0,
+        tol: float = 1e-5,
+        knowledge: str = "benign",
+    ) -> Tensor:
+        """Return a copy of ``deltas`` whose malicious rows are the attack's ``mu - gamma * dev``.
+
+        Args:
+            deltas: ``(n, d)`` client deltas.
+            malicious_mask: ``(n,)`` bool, True for attackers.
+            generator: unused (the attack is deterministic); part of the common signature.
+            perturbation: ``"unit_vec"``, ``"std"`` or ``"sign"``.
+            gamma_init: first ``gamma`` tried (10 in the reference code).
+            tol: bisection tolerance on ``gamma``.
+            knowledge: ``"benign"`` (default), ``"malicious"`` or ``"all"``.
+
+        Raises:
+            ConfigError: bad parameters or too few reference updates.
+        """
+        check_inputs(name, deltas, malicious_mask)
+        if not bool(malicious_mask.any()):
+            return deltas.clone()
+        ref = reference_rows(name, deltas, malicious_mask, knowledge)
+        mal, _ = optimise(name, ref, perturbation, gamma_init, tol, criterion)
+        return with_rows(deltas, malicious_mask, mal)
+
+    attack.__name__ = attack.__qualname__ = name
+    return attack
