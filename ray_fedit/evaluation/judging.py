@@ -20,16 +20,11 @@ worker (evaluation runs them in one task), so their weights never load in the dr
 from __future__ import annotations
 
 import json
-import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray_fedit.config import HttpEngineConfig, ModelConfig, RunConfig
-from ray_fedit.judges.llm_http import HttpJudgeError
+from ray_fedit.judges.llm_http import post_each
 from ray_fedit.registry import JUDGES
 
 JudgeFn = Callable[[Sequence[str], Sequence[str]], list[dict[str, Any]]]
@@ -70,45 +65,31 @@ def hf_complete(model_cfg: ModelConfig, prompts: list[str], *, max_new_tokens: i
     return out
 
 
+def _completion_text(reply: str) -> str:
+    """``choices[0].text`` of a completions reply, as a string.
+
+    Raises:
+        ValueError: the reply is not JSON or has no ``choices[0].text``.
+    """
+    try:
+        return str(json.loads(reply)["choices"][0]["text"])
+    except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+        raise ValueError("reply is not a completion with choices[0].text") from None
+
+
 def http_complete(http: HttpEngineConfig, prompts: list[str], *, max_new_tokens: int) -> list[str]:
     """Greedy continuations of raw prompts from an OpenAI-compatible ``/completions`` endpoint.
+
+    Request timeouts, conflicts, rate limits and every 5xx status are retried.
 
     Raises:
         HttpJudgeError: when a request still fails after ``http.max_retries`` retries.
     """
-    url = http.base_url.rstrip("/") + "/completions"
-    headers = {"Content-Type": "application/json"}
-    if key := os.environ.get(http.api_key_env):
-        headers["Authorization"] = f"Bearer {key}"
-
-    def one(prompt: str) -> str:
-        body = json.dumps({"model": http.model, "prompt": prompt, "temperature": 0.0,
-                           "max_tokens": max_new_tokens}).encode()
-        last = ""
-        for attempt in range(http.max_retries + 1):
-            if attempt:
-                time.sleep(min(http.backoff_s * 2.0 ** (attempt - 1), 60.0))
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=http.timeout_s) as resp:
-                    text = json.loads(resp.read().decode("utf-8"))["choices"][0]["text"]
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
-                if e.code in (408, 409, 429) or e.code >= 500:
-                    continue
-                raise HttpJudgeError(f"{url}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
-                raise HttpJudgeError(f"{url}: reply is not a completion with choices[0].text") \
-                    from None
-            return str(text)
-        raise HttpJudgeError(f"{url}: failed after {http.max_retries + 1} attempts; last error: "
-                             f"{last}; check evaluation.judge_http")
-
-    with ThreadPoolExecutor(max_workers=http.max_concurrency) as pool:
-        return list(pool.map(one, prompts))
+    bodies = [{"model": http.model, "prompt": prompt, "temperature": 0.0,
+               "max_tokens": max_new_tokens} for prompt in prompts]
+    return post_each(http, "/completions", bodies, _completion_text,
+                     retry=lambda code: code in (408, 409, 429) or code >= 500,
+                     hint="check evaluation.judge_http")
 
 
 def judge_model_complete(cfg: RunConfig) -> Callable[[list[str]], list[str]]:

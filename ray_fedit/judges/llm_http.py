@@ -52,6 +52,87 @@ class HttpJudgeError(RuntimeError):
     """The judge endpoint failed after every retry, or answered something not a completion."""
 
 
+def post_each(
+    http: HttpEngineConfig,
+    path: str,
+    bodies: Sequence[dict[str, Any]],
+    parse: Callable[[str], str],
+    *,
+    retry: Callable[[int], bool],
+    hint: str,
+) -> list[str]:
+    """POST each JSON body to ``{base_url}{path}`` concurrently and return the parsed replies in order.
+
+    Up to ``http.max_concurrency`` requests are in flight. A connection error, a timeout or an HTTP
+    status for which ``retry`` is true is retried up to ``http.max_retries`` times, the ``k``-th
+    retry after ``backoff_s * 2**(k - 1)`` seconds (at most 60); any other HTTP status fails at
+    once. The API key, if ``$<api_key_env>`` holds one, goes in an ``Authorization: Bearer`` header.
+
+    Args:
+        http: endpoint, model, key variable, concurrency, retries and timeout.
+        path: the endpoint path after ``base_url`` (``"/chat/completions"``).
+        bodies: one JSON body per request.
+        parse: maps a reply's text to the result; raises ``ValueError`` if the reply is malformed.
+        retry: whether an HTTP error status is transient.
+        hint: what to check, appended to the message when every attempt failed.
+
+    Raises:
+        HttpJudgeError: a status that is not retried, a malformed reply, or a request that still
+            fails after ``http.max_retries`` retries.
+    """
+    url = http.base_url.rstrip("/") + path
+    headers = {"Content-Type": "application/json"}
+    if key := os.environ.get(http.api_key_env):
+        headers["Authorization"] = f"Bearer {key}"
+
+    def one(body: dict[str, Any]) -> str:
+        data = json.dumps(body).encode()
+        last = ""
+        for attempt in range(http.max_retries + 1):
+            if attempt:
+                time.sleep(min(http.backoff_s * 2.0 ** (attempt - 1), 60.0))
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=http.timeout_s) as resp:
+                    reply = resp.read().decode("utf-8")
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code} {e.reason}"
+                if retry(e.code):
+                    continue
+                raise HttpJudgeError(f"{url}: {last} (not retried)") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            try:
+                return parse(reply)
+            except ValueError as e:
+                raise HttpJudgeError(f"{url}: {e}") from None
+        raise HttpJudgeError(f"{url}: failed after {http.max_retries + 1} attempts; last error: "
+                             f"{last}; {hint}")
+
+    with ThreadPoolExecutor(max_workers=http.max_concurrency) as pool:
+        return list(pool.map(one, bodies))
+
+
+def _chat_content(reply: str) -> str:
+    """``choices[0].message.content`` of a chat-completions reply.
+
+    Raises:
+        ValueError: the reply is not JSON or has no such string.
+    """
+    try:
+        payload = json.loads(reply)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"reply is not JSON ({e.msg})") from None
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise ValueError(f"reply has no choices[0].message.content string: {json.dumps(payload)[:200]}")
+    return content
+
+
 def chat_completions(
     conversations: Sequence[Messages],
     http: HttpEngineConfig,
@@ -71,46 +152,11 @@ def chat_completions(
         HttpJudgeError: when a request still fails after ``http.max_retries`` retries, or the reply
             has no ``choices[0].message.content`` string.
     """
-    url = http.base_url.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    key = os.environ.get(http.api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-
-    def one(messages: Messages) -> str:
-        body = json.dumps({"model": http.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode()
-        last = ""
-        for attempt in range(http.max_retries + 1):
-            if attempt:
-                time.sleep(min(http.backoff_s * 2.0 ** (attempt - 1), 60.0))
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=http.timeout_s) as resp:
-                    payload = json.loads(resp.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
-                if e.code in _RETRY_STATUS:
-                    continue
-                raise HttpJudgeError(f"{url}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            except json.JSONDecodeError as e:
-                raise HttpJudgeError(f"{url}: reply is not JSON ({e.msg})") from None
-            try:
-                content = payload["choices"][0]["message"]["content"]
-            except (KeyError, IndexError, TypeError):
-                content = None
-            if not isinstance(content, str):
-                raise HttpJudgeError(f"{url}: reply has no choices[0].message.content string: "
-                                     f"{json.dumps(payload)[:200]}")
-            return content
-        raise HttpJudgeError(f"{url}: failed after {http.max_retries + 1} attempts; last error: "
-                             f"{last}; check the endpoint's base_url and that the server runs")
-
-    with ThreadPoolExecutor(max_workers=http.max_concurrency) as pool:
-        return list(pool.map(one, conversations))
+    bodies = [{"model": http.model, "messages": messages, "temperature": temperature,
+               "max_tokens": max_tokens} for messages in conversations]
+    return post_each(http, "/chat/completions", bodies, _chat_content,
+                     retry=lambda code: code in _RETRY_STATUS,
+                     hint="check the endpoint's base_url and that the server runs")
 
 
 # ------------------------------------------------------------------------------ StrongREJECT

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ray_fedit.config import HttpEngineConfig, load_config
-from ray_fedit.judges.llm_http import HttpJudgeError, LLMHttpJudge, chat_completions
+from ray_fedit.judges.llm_http import HttpJudgeError, LLMHttpJudge, chat_completions, post_each
 from ray_fedit.registry import JUDGES
 
 RUBRIC_REPLY = "#overall_reasoning x\n#scores\n1.a r\n1.b {refused}\n2.a r\n2.b 3\n3.a r\n3.b 5\n"
@@ -124,6 +124,19 @@ def test_client_errors_are_not_retried():
         assert len(s.requests) == 1
     finally:
         s.close()
+
+
+def test_a_malformed_reply_fails_at_once_naming_the_url(server):
+    """``parse`` rejects a reply with ValueError: that is an HttpJudgeError, not a retry."""
+
+    def parse(reply: str) -> str:
+        raise ValueError("reply is not the expected shape")
+
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(HttpJudgeError, match="/v1/chat/completions: reply is not the expected shape"):
+        post_each(_http(server.url, max_retries=3), "/chat/completions", [body], parse,
+                  retry=lambda code: True, hint="")
+    assert len(server.requests) == 1
 
 
 def test_registered_judge_reads_the_endpoint_from_the_run_config(server):
