@@ -9,6 +9,7 @@ input rows in their original order (:func:`~ray_fedit.generation.rows.from_respo
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,31 @@ def generate(rows: Sequence[Mapping[str, Any]], *, prompt_field: str, model_cfg:
             for i, row in enumerate(rows)]
 
 
+def map_in_placement(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """``ds.map_batches(fn, **kwargs)``, with the actors kept inside the caller's placement group.
+
+    Ray Data schedules its tasks and actors outside any placement group by default. Inside a Ray
+    Tune trial (``ray-fedit sweep``) every CPU of a busy cluster may be reserved by trial placement
+    groups, so actors scheduled outside would wait forever; the trial reserves bundles for them
+    (:func:`ray_fedit.sweeps.trial_bundles`) and this puts them there. Outside a placement group it
+    is plain ``map_batches``.
+
+    Ray 2.60 takes a scheduling strategy only through ``map_batches``' ``**ray_remote_args``, which
+    it marks deprecated (removal announced for Ray 2.64) without a named replacement yet; that one
+    warning is silenced here and this is the place to change when the pin moves.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return ds.map_batches(fn, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True))
+
+
 def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: GenerationConfig,
             template: Template, sampling: SamplingParams,
             adapter_dir: str | Path | None) -> list[dict[str, Any]]:
@@ -81,8 +107,8 @@ def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Gene
     # Longest prompts first: neighbours in a batch have similar lengths, so less left padding.
     # Row seeds make the answers independent of this order.
     ordered = sorted(requests, key=lambda r: len(r["prompt"]), reverse=True)
-    ds = ray.data.from_items(ordered).map_batches(
-        HFGenerator,
+    ds = map_in_placement(
+        ray.data.from_items(ordered), HFGenerator,
         fn_constructor_kwargs={
             "model_cfg": model_cfg.model_dump(), "template": template,
             "sampling": sampling.as_dict(),
@@ -104,8 +130,8 @@ def _run_http(requests: list[dict[str, Any]], *, gen: GenerationConfig,
 
     from ray_fedit.generation.http import HttpChatGenerator, api_key_from_env
 
-    ds = ray.data.from_items(requests).map_batches(
-        HttpChatGenerator,
+    ds = map_in_placement(
+        ray.data.from_items(requests), HttpChatGenerator,
         fn_constructor_kwargs={"http": gen.http.model_dump(), "sampling": sampling.as_dict(),
                                "api_key": api_key_from_env(gen.http)},
         compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
