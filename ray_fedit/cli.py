@@ -7,6 +7,7 @@ Every config is validated before Ray starts; a bad one exits with code 2 and one
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _show_progress_logs()
     try:
         return _dispatch(args)
     except ConfigError as e:
@@ -88,6 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ray-fedit: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
+
+
+def _show_progress_logs() -> None:
+    """Show ray_fedit's INFO logs (progress of data generation, cache hits) on stderr."""
+    logger = logging.getLogger("ray_fedit")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -331,13 +331,18 @@ class _Context:
         if seeds is not None:
             for r, s in zip(rows, seeds, strict=True):
                 r["seed"] = s
+        log.info("%s data: answering %d prompts (%s)", self.kind, len(rows), tag or "answers")
+        t0 = time.perf_counter()
         out = generate(rows, prompt_field="prompt", model_cfg=self.generator, gen_cfg=self.gen,
                        template=self.template, adapter_dir=self.adapter_dir,
                        seed=row_seed(self.seed, self.kind, tag), sampling=sampling)
+        tokens = sum(int(o.get("num_generated_tokens", 0)) for o in out)
+        seconds = time.perf_counter() - t0
+        log.info("%s data: %d answers, %d tokens in %.0f s (%.1f tokens/s, with actor start-up)",
+                 self.kind, len(out), tokens, seconds, tokens / max(seconds, 1e-9))
         self.engine_stats["engine_calls"] += 1
         self.engine_stats["prompts_answered"] += len(out)
-        self.engine_stats["tokens_generated"] += sum(int(o.get("num_generated_tokens", 0))
-                                                     for o in out)
+        self.engine_stats["tokens_generated"] += tokens
         return out
 
     def is_refusal(self, text: str) -> str | None:
@@ -435,7 +440,7 @@ def generate_instructions(ctx: _Context, prompt: str, tag: str, needed: int,
 
 def answer_until(ctx: _Context, pool: list[_Item], *, suffix: str, needed: int,
                  keep: Callable[[str, str | None], bool], tag: str,
-                 more: Callable[[int], list[_Item]] | None = None
+                 more: Callable[[int], list[_Item]] | None = None, oversample: float | None = None
                  ) -> tuple[list[_Item], list[_Item], dict[str, Any]]:
     """Answer instructions from ``pool`` (plus ``more(n)`` when it runs dry) until ``needed`` pass.
 
@@ -452,6 +457,8 @@ def answer_until(ctx: _Context, pool: list[_Item], *, suffix: str, needed: int,
         keep: ``keep(response, matched_refusal_keyword)`` decides whether a pair is kept.
         tag: names this step in row seeds.
         more: returns up to n new instructions, or [] when there are none.
+        oversample: default ``generation.oversample``; 1.0 where ``keep`` drops only empty
+            answers, so a round asks for what is still needed and no more.
 
     Returns:
         ``(kept, unused, stats)``: the kept items (with responses); the items answered but not
@@ -472,7 +479,8 @@ def answer_until(ctx: _Context, pool: list[_Item], *, suffix: str, needed: int,
         rate = stats["kept"] / stats["answered"] if stats["answered"] else 1.0
         # A keep rate under 10% is treated as 10%: one round asks for at most ten times what a
         # perfect generator would need.
-        want = math.ceil((needed - len(kept)) * ctx.gen.oversample / max(rate, 0.1))
+        factor = ctx.gen.oversample if oversample is None else oversample
+        want = math.ceil((needed - len(kept)) * factor / max(rate, 0.1))
         if len(pool) < want and more is not None:
             pool += more(want - len(pool))
         chunk, pool = pool[:want], pool[want:]
@@ -622,7 +630,7 @@ def _build_benign(ctx: _Context) -> tuple[list[Record], dict[str, Any]]:
     needed = ctx.gen.num_benign
     pool = _seed_pool(ctx, "benign")
     kept, _, stats = answer_until(ctx, pool, suffix="", needed=needed, tag="benign",
-                                  keep=lambda response, _m: bool(response))
+                                  keep=lambda response, _m: bool(response), oversample=1.0)
     out = {"answers": stats, "target": needed, "rows": len(kept), "seed_instructions": len(pool)}
     _shortfall("benign data", len(kept), needed, stats,
                f"only {len(pool)} seed instructions are held for training; lower "
@@ -649,7 +657,7 @@ def _normal_items(ctx: _Context, needed: int) -> tuple[list[_Item], dict[str, An
 
         pool = []
     kept, _, answer_stats = answer_until(ctx, pool, suffix="", needed=needed, more=more, tag=tag,
-                                         keep=lambda response, _m: bool(response))
+                                         keep=lambda response, _m: bool(response), oversample=1.0)
     stats.update(answers=answer_stats, target=needed, rows=len(kept))
     _shortfall("defense normal data", len(kept), needed, answer_stats,
                "raise generation.max_rounds", stats)

@@ -221,6 +221,8 @@ def test_benign_answers_training_seeds_only(tmp_path, engine):
     assert all(r["response"] == f"Answer: {r['instruction']}" and not r["is_harmful"]
                for r in data.records)
     assert data.sources == ["seed_instructions"]
+    # Only empty answers are dropped, so no oversampling: one engine call of exactly 40 prompts.
+    assert engine.calls == [40]
 
 
 # ------------------------------------------------------------------------------------ defense
