@@ -138,7 +138,9 @@ class AttackConfig(Section):
     malicious_fraction: Fraction = 0.3
     data: DataSourceConfig = Field(
         default_factory=lambda: DataSourceConfig(kind="generated", path="attack", is_harmful=True),
-        description="unaligned data of malicious clients (generated = the paper's MaliciousGen)",
+        description="unaligned data of malicious clients: generated = the paper's MaliciousGen "
+        "(questions and answers generated); a prompt-only source (package, or response_field: null) = its "
+        "questions answered by the attack pipeline; a source with responses = used as it is",
     )
     filter_refusals: bool = Field(True, description="drop generated pairs whose response the rule "
                                   "judge calls a refusal")

@@ -97,16 +97,27 @@ def ensure_ray() -> None:
 
 def _pool(cfg: RunConfig, kind: str, sources: Sequence[Any], note: dict[str, Any],
           adapter_dir: Path | None = None) -> list[Record]:
-    """Records of one data pool: generated pools via the generation pipeline, others loaded."""
+    """Records of one data pool: generated pools via the generation pipeline, others loaded.
+
+    A prompt-only source (a packaged benchmark, or ``response_field: null``) is valid only as
+    ``attack.data``: the attack pipeline answers its harmful questions (MaliciousGen's answer step
+    on given questions).
+    """
     from ray_fedit.data.loaders import load_source
     from ray_fedit.generation import generate_dataset
 
     records: list[Record] = []
     for src in sources:
-        if src.kind == "generated":
-            if src.path != kind:
-                raise ConfigError(f"a generated source in the {kind} pool must have path {kind!r}, "
-                                  f"got {src.path!r}")
+        if src.kind == "generated" and src.path != kind:
+            raise ConfigError(f"a generated source in the {kind} pool must have path {kind!r}, "
+                              f"got {src.path!r}")
+        # Packaged benchmarks hold prompts only.
+        prompt_only = src.kind == "package" or (src.kind != "generated" and src.response_field is None)
+        if prompt_only and kind != "attack":
+            raise ConfigError(f"{kind} source {src.path!r} holds prompts only ({src.kind}, response_"
+                              f"field {src.response_field}); {kind} data needs responses: use a source"
+                              " with a response field, or a generated one")
+        if src.kind == "generated" or prompt_only:
             data = generate_dataset(kind, cfg, adapter_dir=adapter_dir)
             note.setdefault("generated", {})[kind] = {
                 "path": str(data.path), "cache_hit": data.cache_hit, "rows": len(data.records),
