@@ -27,6 +27,7 @@ from typing import Any
 
 from ray_fedit.config import RunConfig
 from ray_fedit.data.schema import Record
+from ray_fedit.errors import ConfigError
 from ray_fedit.registry import DEFENSES
 
 STEP_DIR = "step_{:04d}"
@@ -98,10 +99,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     out_dir = Path(config["out_dir"])
 
     engine = None
-    if d.deepspeed:
+    if config["deepspeed_config"] is not None:
         import deepspeed
 
-        ds_config = json.loads(Path(d.deepspeed).read_text())
+        ds_config = dict(config["deepspeed_config"])
         ds_config.update(train_micro_batch_size_per_gpu=per_worker, gradient_accumulation_steps=1,
                          train_batch_size=per_worker * world)
         if d.max_grad_norm is not None:
@@ -154,6 +155,25 @@ def _train_loop(config: dict[str, Any]) -> None:
         print(f"[defense] {done} steps, final loss {np.nanmean(losses[-k:]):.4f}", flush=True)
 
 
+def _read_deepspeed_config(path: str | None) -> dict[str, Any] | None:
+    """The DeepSpeed JSON named by ``defense.deepspeed``, or None.
+
+    Raises:
+        ConfigError: naming the file when it is missing or not a JSON object.
+    """
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"defense.deepspeed={path!r}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"defense.deepspeed={path!r}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"defense.deepspeed={path!r}: must hold a JSON object")
+    return data
+
+
 def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Path | None,
                      out_dir: Path) -> DefenseResult:
     """Fine-tune a LoRA adapter on ``records`` with Ray Train; returns the saved adapters.
@@ -177,10 +197,13 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # Ray Train workers run in their own working directory: hand them absolute paths, and the
+    # DeepSpeed config as read here (a bad file fails now, naming the file).
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "records": list(records),
-                           "init_adapter": str(init_adapter) if init_adapter else None,
+                           "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None,
+                           "deepspeed_config": _read_deepspeed_config(d.deepspeed),
                            "out_dir": str(out_dir)},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),

@@ -27,3 +27,19 @@ def test_remainder_round_and_final_checkpoint():
 def test_global_batch_must_split_over_workers():
     with pytest.raises(ConfigError, match="batch_size=5 must be divisible by num_workers=2"):
         load_config(None, ["defense.batch_size=5", "defense.num_workers=2"])
+
+
+def test_deepspeed_config_is_read_on_the_driver_with_errors_naming_the_file(tmp_path):
+    from ray_fedit.defenses.posthoc import _read_deepspeed_config
+    from ray_fedit.errors import ConfigError
+
+    assert _read_deepspeed_config(None) is None
+    good = tmp_path / "z2.json"
+    good.write_text('{"zero_optimization": {"stage": 2}}')
+    assert _read_deepspeed_config(str(good)) == {"zero_optimization": {"stage": 2}}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 2},\n}')
+    with pytest.raises(ConfigError, match=r"bad\.json'?:3: not valid JSON"):
+        _read_deepspeed_config(str(bad))
+    with pytest.raises(ConfigError, match=r"missing\.json.*cannot read"):
+        _read_deepspeed_config(str(tmp_path / "missing.json"))
