@@ -194,6 +194,10 @@ class DefenseConfig(Section):
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by "
                              f"num_workers={self.num_workers} (each worker takes an equal share)")
+        if self.checkpoint_every % self.steps_per_round:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+                             f"steps_per_round={self.steps_per_round} (adapters are saved at round "
+                             f"ends); use {self.steps_per_round}, {2 * self.steps_per_round}, ...")
         return self
 
 

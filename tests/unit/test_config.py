@@ -101,3 +101,11 @@ def test_every_section_forbids_extra_keys():
         ann = field.annotation
         if isinstance(ann, type) and hasattr(ann, "model_config"):
             assert ann.model_config.get("extra") == "forbid", name
+
+
+def test_defense_checkpoints_must_fall_on_round_ends():
+    """Adapters are saved at defense round ends: 12 is unreachable with rounds of 10 steps."""
+    with pytest.raises(ConfigError, match=r"checkpoint_every=12 must be a multiple of steps_per_round=10"):
+        load_config(None, ["defense.steps_per_round=10", "defense.checkpoint_every=12"])
+    assert load_config(None, ["defense.steps_per_round=10",
+                              "defense.checkpoint_every=20"]).defense.checkpoint_every == 20
