@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ray_fedit.attacks.update.base import check_inputs, need_rows, reference_rows, with_rows
+from ray_fedit.attacks.update.base import need_rows, replace_from_reference
 from ray_fedit.errors import ConfigError
 from ray_fedit.registry import ATTACKS
 
@@ -64,12 +64,10 @@ def alie(
     Raises:
         ConfigError: fewer than 2 reference updates, or no finite default ``z``.
     """
-    check_inputs("alie", deltas, malicious_mask)
-    if not bool(malicious_mask.any()):
-        return deltas.clone()
-    ref = reference_rows("alie", deltas, malicious_mask, knowledge)
-    need_rows("alie", ref, 2, "a standard deviation")
-    if z is None:
-        z = alie_z(deltas.shape[0], int(malicious_mask.sum()))
-    std, mean = torch.std_mean(ref, dim=0)
-    return with_rows(deltas, malicious_mask, mean + z * std)
+    def craft(ref: Tensor) -> Tensor:
+        need_rows("alie", ref, 2, "a standard deviation")
+        shift = alie_z(deltas.shape[0], int(malicious_mask.sum())) if z is None else z
+        std, mean = torch.std_mean(ref, dim=0)
+        return mean + shift * std
+
+    return replace_from_reference("alie", deltas, malicious_mask, knowledge, craft)

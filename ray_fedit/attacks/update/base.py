@@ -11,6 +11,8 @@ are replaced. Randomness comes only from ``generator``. Attacks never see which 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -71,3 +73,17 @@ def with_rows(deltas: Tensor, malicious_mask: Tensor, rows: Tensor) -> Tensor:
     if bool(malicious_mask.any()):
         out[malicious_mask] = rows.to(deltas.dtype)
     return out
+
+
+def replace_from_reference(name: str, deltas: Tensor, malicious_mask: Tensor, knowledge: str,
+                           craft: Callable[[Tensor], Tensor]) -> Tensor:
+    """The skeleton of the attacks that craft their rows from reference statistics.
+
+    Checks the inputs, returns an unchanged copy when no client is malicious, and otherwise
+    replaces the malicious rows with ``craft(reference_rows(...))``.
+    """
+    check_inputs(name, deltas, malicious_mask)
+    if not bool(malicious_mask.any()):
+        return deltas.clone()
+    return with_rows(deltas, malicious_mask, craft(reference_rows(name, deltas, malicious_mask,
+                                                                  knowledge)))

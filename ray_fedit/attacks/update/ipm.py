@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ray_fedit.attacks.update.base import check_inputs, reference_rows, with_rows
+from ray_fedit.attacks.update.base import replace_from_reference
 from ray_fedit.registry import ATTACKS
 
 
@@ -39,8 +39,5 @@ def ipm(
     Raises:
         ConfigError: no reference updates.
     """
-    check_inputs("ipm", deltas, malicious_mask)
-    if not bool(malicious_mask.any()):
-        return deltas.clone()
-    ref = reference_rows("ipm", deltas, malicious_mask, knowledge)
-    return with_rows(deltas, malicious_mask, -epsilon * ref.mean(dim=0))
+    return replace_from_reference("ipm", deltas, malicious_mask, knowledge,
+                                  lambda ref: -epsilon * ref.mean(dim=0))

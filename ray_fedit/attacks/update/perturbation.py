@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import gram_matrix, sq_distances_from_gram
-from ray_fedit.attacks.update.base import check_inputs, need_rows, reference_rows, with_rows
+from ray_fedit.attacks.update.base import need_rows, replace_from_reference
 from ray_fedit.errors import ConfigError
 
 PERTURBATIONS = ("unit_vec", "std", "sign")
@@ -134,12 +134,9 @@ def gamma_attack(name: str, criterion: str) -> Callable[..., Tensor]:
         Raises:
             ConfigError: bad parameters or too few reference updates.
         """
-        check_inputs(name, deltas, malicious_mask)
-        if not bool(malicious_mask.any()):
-            return deltas.clone()
-        ref = reference_rows(name, deltas, malicious_mask, knowledge)
-        mal, _ = optimise(name, ref, perturbation, gamma_init, tol, criterion)
-        return with_rows(deltas, malicious_mask, mal)
+        return replace_from_reference(
+            name, deltas, malicious_mask, knowledge,
+            lambda ref: optimise(name, ref, perturbation, gamma_init, tol, criterion)[0])
 
     attack.__name__ = attack.__qualname__ = name
     return attack
