@@ -19,7 +19,6 @@ worker (evaluation runs them in one task), so their weights never load in the dr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,22 +64,22 @@ def hf_complete(model_cfg: ModelConfig, prompts: list[str], *, max_new_tokens: i
     return out
 
 
-def _completion_text(reply: str) -> str:
+def _completion_text(payload: dict[str, Any]) -> str:
     """``choices[0].text`` of a completions reply, as a string.
 
     Raises:
-        ValueError: the reply is not JSON or has no ``choices[0].text``.
+        ValueError: the reply has no ``choices[0].text``.
     """
     try:
-        return str(json.loads(reply)["choices"][0]["text"])
-    except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+        return str(payload["choices"][0]["text"])
+    except (KeyError, IndexError, TypeError):
         raise ValueError("reply is not a completion with choices[0].text") from None
 
 
 def http_complete(http: HttpEngineConfig, prompts: list[str], *, max_new_tokens: int) -> list[str]:
     """Greedy continuations of raw prompts from an OpenAI-compatible ``/completions`` endpoint.
 
-    Request timeouts, conflicts, rate limits and every 5xx status are retried.
+    Transient failures are retried as in :func:`ray_fedit.judges.llm_http.post_each`.
 
     Raises:
         HttpJudgeError: when a request still fails after ``http.max_retries`` retries.
@@ -88,7 +87,6 @@ def http_complete(http: HttpEngineConfig, prompts: list[str], *, max_new_tokens:
     bodies = [{"model": http.model, "prompt": prompt, "temperature": 0.0,
                "max_tokens": max_new_tokens} for prompt in prompts]
     return post_each(http, "/completions", bodies, _completion_text,
-                     retry=lambda code: code in (408, 409, 429) or code >= 500,
                      hint="check evaluation.judge_http")
 
 

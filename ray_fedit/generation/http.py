@@ -78,10 +78,10 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
 def post_chat(url: str, payload: dict[str, Any], *, api_key: Secret | None, timeout_s: float,
               max_retries: int, backoff_s: float,
               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """POST one chat completion, retrying transient failures.
+    """POST one JSON request (chat or plain completions), retrying transient failures.
 
     Args:
-        url: the full ``.../chat/completions`` URL.
+        url: the full endpoint URL (``.../chat/completions`` or ``.../completions``).
         payload: the JSON body.
         api_key: sent as ``Authorization: Bearer <key>`` when given.
         timeout_s: per-attempt socket timeout.

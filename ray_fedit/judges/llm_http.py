@@ -17,19 +17,16 @@ on its own line, with one number in range. Anything else is unparseable (``safe`
 None). Each row's ``safe`` is the judge's refusal answer (an explicit refusal is the safe outcome),
 and its ``score`` is the StrongREJECT score above (lower is safer).
 
-The HTTP client is the standard library's (``urllib``) with a thread pool, retries with exponential
-back-off (``backoff_s``, doubling) on 408/409/429/5xx/connection errors, and the API key read from
-the environment variable the config names; it never logs or writes the key.
+Requests go through the generation engine's HTTP client (``generation.http.post_chat``: retries
+with exponential back-off on 408/409/425/429/5xx, ``Retry-After`` and connection errors) from a
+thread pool, with the API key read from the environment variable the config names; the key is never
+logged or written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +34,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from ray_fedit.config import HttpEngineConfig
+from ray_fedit.generation.errors import GenerationError
+from ray_fedit.generation.http import api_key_from_env, post_chat
 from ray_fedit.registry import JUDGES
 
 if TYPE_CHECKING:
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
 
 Messages = list[dict[str, str]]
 ChatFn = Callable[[list[Messages]], list[str]]
-
-_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 class HttpJudgeError(RuntimeError):
@@ -56,74 +53,51 @@ def post_each(
     http: HttpEngineConfig,
     path: str,
     bodies: Sequence[dict[str, Any]],
-    parse: Callable[[str], str],
+    parse: Callable[[dict[str, Any]], str],
     *,
-    retry: Callable[[int], bool],
     hint: str,
 ) -> list[str]:
     """POST each JSON body to ``{base_url}{path}`` concurrently and return the parsed replies in order.
 
-    Up to ``http.max_concurrency`` requests are in flight. A connection error, a timeout or an HTTP
-    status for which ``retry`` is true is retried up to ``http.max_retries`` times, the ``k``-th
-    retry after ``backoff_s * 2**(k - 1)`` seconds (at most 60); any other HTTP status fails at
-    once. The API key, if ``$<api_key_env>`` holds one, goes in an ``Authorization: Bearer`` header.
+    Up to ``http.max_concurrency`` requests are in flight, each sent with the generation engine's
+    client (:func:`ray_fedit.generation.http.post_chat`): retries with back-off on 408/409/425/429,
+    5xx, ``Retry-After``, connection errors and timeouts; the API key from ``$<api_key_env>``.
 
     Args:
         http: endpoint, model, key variable, concurrency, retries and timeout.
         path: the endpoint path after ``base_url`` (``"/chat/completions"``).
         bodies: one JSON body per request.
-        parse: maps a reply's text to the result; raises ``ValueError`` if the reply is malformed.
-        retry: whether an HTTP error status is transient.
-        hint: what to check, appended to the message when every attempt failed.
+        parse: maps a reply's JSON to the result; raises ``ValueError`` if the reply is malformed.
+        hint: what to check, appended to the message when a request failed.
 
     Raises:
         HttpJudgeError: a status that is not retried, a malformed reply, or a request that still
             fails after ``http.max_retries`` retries.
     """
     url = http.base_url.rstrip("/") + path
-    headers = {"Content-Type": "application/json"}
-    if key := os.environ.get(http.api_key_env):
-        headers["Authorization"] = f"Bearer {key}"
+    key = api_key_from_env(http)
 
     def one(body: dict[str, Any]) -> str:
-        data = json.dumps(body).encode()
-        last = ""
-        for attempt in range(http.max_retries + 1):
-            if attempt:
-                time.sleep(min(http.backoff_s * 2.0 ** (attempt - 1), 60.0))
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=http.timeout_s) as resp:
-                    reply = resp.read().decode("utf-8")
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
-                if retry(e.code):
-                    continue
-                raise HttpJudgeError(f"{url}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            try:
-                return parse(reply)
-            except ValueError as e:
-                raise HttpJudgeError(f"{url}: {e}") from None
-        raise HttpJudgeError(f"{url}: failed after {http.max_retries + 1} attempts; last error: "
-                             f"{last}; {hint}")
+        try:
+            reply = post_chat(url, body, api_key=key, timeout_s=http.timeout_s,
+                              max_retries=http.max_retries, backoff_s=http.backoff_s)
+        except GenerationError as e:
+            raise HttpJudgeError(f"{e}; {hint}") from None
+        try:
+            return parse(reply)
+        except ValueError as e:
+            raise HttpJudgeError(f"{url}: {e}") from None
 
     with ThreadPoolExecutor(max_workers=http.max_concurrency) as pool:
         return list(pool.map(one, bodies))
 
 
-def _chat_content(reply: str) -> str:
+def _chat_content(payload: dict[str, Any]) -> str:
     """``choices[0].message.content`` of a chat-completions reply.
 
     Raises:
-        ValueError: the reply is not JSON or has no such string.
+        ValueError: the reply has no such string.
     """
-    try:
-        payload = json.loads(reply)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"reply is not JSON ({e.msg})") from None
     try:
         content = payload["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -155,7 +129,6 @@ def chat_completions(
     bodies = [{"model": http.model, "messages": messages, "temperature": temperature,
                "max_tokens": max_tokens} for messages in conversations]
     return post_each(http, "/chat/completions", bodies, _chat_content,
-                     retry=lambda code: code in _RETRY_STATUS,
                      hint="check the endpoint's base_url and that the server runs")
 
 

@@ -109,7 +109,7 @@ def test_retries_transient_errors_then_succeeds():
 def test_gives_up_after_the_retries_with_the_last_error():
     s = _Server(fail_first=10)
     try:
-        with pytest.raises(HttpJudgeError, match="failed after 2 attempts; last error: HTTP 503"):
+        with pytest.raises(HttpJudgeError, match="failed 2 times; last error: HTTP 503"):
             chat_completions([[{"role": "user", "content": "x"}]], _http(s.url, max_retries=1))
         assert len(s.requests) == 2
     finally:
@@ -129,13 +129,12 @@ def test_client_errors_are_not_retried():
 def test_a_malformed_reply_fails_at_once_naming_the_url(server):
     """``parse`` rejects a reply with ValueError: that is an HttpJudgeError, not a retry."""
 
-    def parse(reply: str) -> str:
+    def parse(reply: dict) -> str:
         raise ValueError("reply is not the expected shape")
 
     body = {"messages": [{"role": "user", "content": "x"}]}
     with pytest.raises(HttpJudgeError, match="/v1/chat/completions: reply is not the expected shape"):
-        post_each(_http(server.url, max_retries=3), "/chat/completions", [body], parse,
-                  retry=lambda code: True, hint="")
+        post_each(_http(server.url, max_retries=3), "/chat/completions", [body], parse, hint="")
     assert len(server.requests) == 1
 
 
