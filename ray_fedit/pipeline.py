@@ -158,14 +158,17 @@ def _check_disjoint(train: list[Record], cfg: RunConfig) -> dict[str, Any]:
     """Exact overlap between training instructions and evaluation prompts (must be none)."""
     from ray_fedit.evaluation.benchmarks import load_benchmark
 
-    train_source = {r["instruction"].strip().lower(): r["source"] for r in train}
+    def key(text: str) -> str:
+        return text.strip().lower()
+
+    train_source = {key(r["instruction"]): r["source"] for r in train}
     report: dict[str, Any] = {}
     for bench in cfg.evaluation.benchmarks:
         prompts, _ = load_benchmark(bench, default_seed=cfg.seed)
-        hits = [p["instruction"] for p in prompts if p["instruction"].strip().lower() in train_source]
+        hits = [p["instruction"] for p in prompts if key(p["instruction"]) in train_source]
         report[bench.name] = {"prompts": len(prompts), "overlap_with_training": len(hits)}
         if hits:
-            sources = sorted({train_source[h.strip().lower()] for h in hits})
+            sources = sorted({train_source[key(h)] for h in hits})
             raise ConfigError(
                 f"{len(hits)} evaluation prompts of {bench.name} are in the training data (from "
                 f"{', '.join(sources)}; e.g. {hits[0][:60]!r}); keep evaluation benchmarks out of "

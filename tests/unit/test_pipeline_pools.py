@@ -1,4 +1,5 @@
-"""Which data sources the run pipeline loads as they are and which it sends to generation."""
+"""The run pipeline's data pools: which sources it loads as they are, which it sends to generation,
+and the check that no evaluation prompt is trained on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ray_fedit.config import DataSourceConfig, load_config
 from ray_fedit.data.schema import make_record
 from ray_fedit.errors import ConfigError
 from ray_fedit.generation import GeneratedData
-from ray_fedit.pipeline import _pool
+from ray_fedit.pipeline import _check_disjoint, _pool
 
 
 @pytest.fixture
@@ -49,3 +50,18 @@ def test_prompt_only_sources_are_refused_where_responses_are_needed(generated, k
         with pytest.raises(ConfigError, match=rf"{kind} source .*{src.path}.* holds prompts only"):
             _pool(cfg, kind, [src], {})
     assert generated == []
+
+
+def test_an_evaluation_prompt_in_the_training_data_is_refused_naming_its_source():
+    """Matching ignores case and surrounding blanks; the error names the training source."""
+    from ray_fedit.evaluation.benchmarks import load_benchmark
+
+    cfg = load_config(None, ["model.name=tiny-random-llama",
+                             "evaluation.benchmarks=[{name: advbench, num_prompts: 4}]"])
+    prompts, _ = load_benchmark(cfg.evaluation.benchmarks[0], default_seed=cfg.seed)
+    clean = [make_record("Write a poem about autumn.", "Leaves fall.", source="mine")]
+    assert _check_disjoint(clean, cfg) == {"advbench": {"prompts": 4, "overlap_with_training": 0}}
+    leaked = clean + [make_record(f"  {prompts[1]['instruction'].upper()} ", "Sure.", source="leaky")]
+    with pytest.raises(ConfigError, match=r"1 evaluation prompts of advbench are in the training "
+                                          r"data \(from leaky;"):
+        _check_disjoint(leaked, cfg)
