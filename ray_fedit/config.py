@@ -82,9 +82,10 @@ class DataSourceConfig(Section):
     """One source of records.
 
     ``kind``: ``jsonl | csv | parquet`` (``path`` is a file), ``hub`` (``path`` is a dataset id for
-    ``datasets.load_dataset``), ``package`` (``path`` is a benchmark that ships in a package:
-    ``advbench``, ``harmbench``, ``donotanswer``, ``strongreject``), or ``generated`` (``path`` names a
-    generation pipeline: ``benign``, ``attack``, ``aligned``).
+    ``datasets.load_dataset``), ``package`` (``path`` is a dataset that ships in a package: the
+    prompt benchmarks ``advbench``, ``harmbench``, ``donotanswer``, ``strongreject``, and the
+    human-labelled pairs ``pyrit_safe_responses`` and ``pyrit_helpful_responses``), or ``generated``
+    (``path`` names a generation pipeline: ``benign``, ``attack``, ``aligned``).
     """
 
     kind: Literal["jsonl", "csv", "parquet", "hub", "package", "generated"]
@@ -139,8 +140,9 @@ class AttackConfig(Section):
     data: DataSourceConfig = Field(
         default_factory=lambda: DataSourceConfig(kind="generated", path="attack", is_harmful=True),
         description="unaligned data of malicious clients: generated = the paper's MaliciousGen "
-        "(questions and answers generated); a prompt-only source (package, or response_field: null) = its "
-        "questions answered by the attack pipeline; a source with responses = used as it is",
+        "(questions and answers generated); a prompt-only source (a packaged benchmark, or "
+        "response_field: null) = its questions answered by the attack pipeline; a source with "
+        "responses = used as it is",
     )
     filter_refusals: bool = Field(True, description="drop generated pairs whose response the rule "
                                   "judge calls a refusal")
@@ -167,7 +169,9 @@ class DefenseConfig(Section):
                       "(defense data on the base model alone, paper Fig. 7)")
     level: Literal[1, 2, 3] = Field(3, description="1: public dataset, 2: external generator model, "
                                     "3: the attacked global model itself")
-    public: list[DataSourceConfig] = Field(default_factory=list, description="level-1 sources")
+    public: list[DataSourceConfig] = Field(default_factory=list, description="level-1 sources: "
+                                           "rows to harmful requests give the aligned part, the "
+                                           "others the normal part")
     generator_model: str | None = Field(None, description="level-2 generator (hub id, directory or "
                                         "bundled name); default: the base model")
     num_samples: PositiveInt = 1000

@@ -103,7 +103,7 @@ def _pool(cfg: RunConfig, kind: str, sources: Sequence[Any], note: dict[str, Any
     ``attack.data``: the attack pipeline answers its harmful questions (MaliciousGen's answer step
     on given questions).
     """
-    from ray_fedit.data.loaders import load_source
+    from ray_fedit.data.loaders import load_source, package_has_responses
     from ray_fedit.generation import generate_dataset
 
     records: list[Record] = []
@@ -111,8 +111,8 @@ def _pool(cfg: RunConfig, kind: str, sources: Sequence[Any], note: dict[str, Any
         if src.kind == "generated" and src.path != kind:
             raise ConfigError(f"a generated source in the {kind} pool must have path {kind!r}, "
                               f"got {src.path!r}")
-        # Packaged benchmarks hold prompts only.
-        prompt_only = src.kind == "package" or (src.kind != "generated" and src.response_field is None)
+        prompt_only = ((src.kind == "package" and not package_has_responses(src.path))
+                       or (src.kind not in ("generated", "package") and src.response_field is None))
         if prompt_only and kind != "attack":
             raise ConfigError(f"{kind} source {src.path!r} holds prompts only ({src.kind}, response_"
                               f"field {src.response_field}); {kind} data needs responses: use a source"

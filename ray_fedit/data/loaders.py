@@ -272,6 +272,48 @@ def strongreject() -> list[Record]:
                 for i, r in enumerate(csv.DictReader(f))]
 
 
+def _pyrit_scorer_rows(relative: str) -> Iterator[dict[str, str]]:
+    """Rows of one of pyrit's scorer-evaluation CSVs (their ``#`` lines are version comments)."""
+    path = package_file("pyrit", f"datasets/scorer_evals/{relative}")
+    with path.open(encoding="utf-8", newline="") as f:
+        yield from csv.DictReader(line for line in f if not line.startswith("#"))
+
+
+@DATASETS.register("pyrit_safe_responses", package="pyrit", license="MIT", responses=True)
+def pyrit_safe_responses() -> list[Record]:
+    """Harmful requests paired with safe responses, 204 pairs (pyrit's objective-scorer evaluation set).
+
+    The rows human raters scored 0, "objective not achieved", across 15 harm categories: refusals
+    and answers that steer away from the harm. None of the requests is an AdvBench prompt. Offline,
+    this is the public aligned data of a level-1 defense.
+    """
+    folder = package_file("pyrit", "datasets/scorer_evals/objective/cyber.csv").parent
+    return [make_record(r["objective"], r["assistant_response"], source="pyrit_safe_responses",
+                        is_harmful=True, meta={"id": f"{path.stem}:{i}", "category": path.stem})
+            for path in sorted(folder.glob("*.csv"))
+            for i, r in enumerate(_pyrit_scorer_rows(f"objective/{path.name}"))
+            if r["human_score"] == "0"]
+
+
+@DATASETS.register("pyrit_helpful_responses", package="pyrit", license="MIT", responses=True)
+def pyrit_helpful_responses() -> list[Record]:
+    """Everyday requests with helpful answers, 25 pairs (pyrit's refusal-scorer evaluation set).
+
+    The rows of ``refusal_extra.csv`` that human raters scored 0, "not a refusal"; all are benign
+    requests (recipes, science, party ideas). Offline, this is the public normal data of a level-1
+    defense.
+    """
+    return [make_record(r["objective"], r["assistant_response"], source="pyrit_helpful_responses",
+                        meta={"id": i, "category": "helpful"})
+            for i, r in enumerate(_pyrit_scorer_rows("refusal_scorer/refusal_extra.csv"))
+            if r["human_score"] == "0"]
+
+
+def package_has_responses(name: str) -> bool:
+    """Whether a registered package dataset holds responses (most hold prompts only)."""
+    return bool(DATASETS.meta(name).get("responses"))
+
+
 def load_package(src: DataSourceConfig) -> LoadResult:
     records = DATASETS.get(src.path)()
     if src.source:

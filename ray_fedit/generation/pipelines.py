@@ -397,6 +397,7 @@ class _Item:
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
     response: str = ""
+    is_harmful: bool = False
 
 
 def generate_instructions(ctx: _Context, prompt: str, tag: str, needed: int,
@@ -535,7 +536,7 @@ def _load_pool(ctx: _Context, sources: list[DataSourceConfig], dedup: Deduplicat
         ctx.sources.append(_source_label(src))
         records += load_source(src).records
     is_new = dedup.add_many(r["instruction"] for r in records)
-    items = [_Item(r["instruction"], r["source"], dict(r["meta"]), r["response"])
+    items = [_Item(r["instruction"], r["source"], dict(r["meta"]), r["response"], r["is_harmful"])
              for r, new in zip(records, is_new, strict=True) if new]
     random.Random(row_seed(ctx.seed, tag, "order")).shuffle(items)
     return items, {"loaded": len(records), "duplicates_or_eval_overlap": len(records) - len(items)}
@@ -692,14 +693,17 @@ def _build_defense(ctx: _Context) -> tuple[list[Record], dict[str, Any]]:
 
 def _defense_public(ctx: _Context, n_aligned: int, n_normal: int
                     ) -> tuple[list[Record], dict[str, Any]]:
-    """Level 1: aligned pairs from the harmful public sources, normal pairs from the others."""
+    """Level 1: aligned pairs from the public rows to harmful requests, normal pairs from the others.
+
+    A row is harmful when its source says so: ``is_harmful: true`` on a file or hub source, or a
+    packaged dataset of harmful requests (``pyrit_safe_responses``).
+    """
     d = ctx.cfg.defense
-    ctx.check_disjoint(s for s in d.public if s.is_harmful)
+    ctx.check_disjoint(d.public)
     pool, load_stats = _load_pool(ctx, list(d.public), ctx.dedup(), "defense-public")
     no_response = sum(1 for i in pool if not i.response)
-    harmful_labels = {_source_label(s) for s in d.public if s.is_harmful}
-    aligned = [i for i in pool if i.response and i.source in harmful_labels][:n_aligned]
-    normal = [i for i in pool if i.response and i.source not in harmful_labels][:n_normal]
+    aligned = [i for i in pool if i.response and i.is_harmful][:n_aligned]
+    normal = [i for i in pool if i.response and not i.is_harmful][:n_normal]
     stats = {"level": 1, "public": load_stats, "without_response": no_response,
              "mix": {"aligned": len(aligned), "normal": len(normal), "num_samples": d.num_samples,
                      "aligned_ratio": d.aligned_ratio}}

@@ -96,6 +96,28 @@ def test_package_benchmarks_load_offline(name, count):
     assert all("category" in r["meta"] for r in recs)
 
 
+@pytest.mark.parametrize("name,count,harmful", [("pyrit_safe_responses", 204, True),
+                                                ("pyrit_helpful_responses", 25, False)])
+def test_packaged_response_datasets_load_pairs(name, count, harmful):
+    """pyrit's human-labelled scorer rows: safe answers to harmful requests, helpful answers to
+    everyday ones. Neither shares a request with AdvBench, the default evaluation benchmark."""
+    from ray_fedit.data.loaders import package_has_responses
+    from ray_fedit.judges.rule import is_refusal
+
+    recs = load_source(DataSourceConfig(kind="package", path=name)).records
+    assert len(recs) == count and package_has_responses(name)
+    assert all(r["is_harmful"] == harmful and r["instruction"].strip() and r["response"].strip()
+               for r in recs)
+    # The rule judge finds 82/204 refusals in the safe rows and 2/25 in the helpful ones (both
+    # answers that say "As an ...", a substring of garak's list).
+    share = sum(is_refusal(r["response"]) for r in recs) / count
+    assert share > 0.35 if harmful else share < 0.1
+    advbench = {r["instruction"].strip().lower()
+                for r in load_source(DataSourceConfig(kind="package", path="advbench")).records}
+    assert not advbench & {r["instruction"].strip().lower() for r in recs}
+    assert not package_has_responses("advbench")
+
+
 def test_generated_sources_are_not_loaded_here():
     with pytest.raises(DataError, match="generation pipeline"):
         load_source(DataSourceConfig(kind="generated", path="attack"))

@@ -273,6 +273,22 @@ def test_level1_defense_samples_public_data_without_an_engine(tmp_path, engine):
                          out_dir=tmp_path / "cache")
 
 
+def test_level1_defense_from_the_packaged_public_pairs(tmp_path, engine):
+    """The offline level-1 sources: packaged rows are split by their own harm label, so the
+    config needs no ``is_harmful`` on them."""
+    public = [DataSourceConfig(kind="package", path="pyrit_safe_responses"),
+              DataSourceConfig(kind="package", path="pyrit_helpful_responses")]
+    cfg = make_cfg(tmp_path, defense=DefenseConfig(level=1, public=public, num_samples=40,
+                                                   aligned_ratio=0.5))
+    data = generate_dataset("defense", cfg, out_dir=tmp_path / "cache")
+    assert engine.calls == [] and len(data.records) == 40
+    by_source = {s: [r for r in data.records if r["source"] == s]
+                 for s in ("pyrit_safe_responses", "pyrit_helpful_responses")}
+    assert [len(v) for v in by_source.values()] == [20, 20]
+    assert all(r["is_harmful"] and r["meta"]["part"] == "aligned" for r in by_source["pyrit_safe_responses"])
+    assert not any(r["is_harmful"] for r in by_source["pyrit_helpful_responses"])
+
+
 # -------------------------------------------------------------------------------------- cache
 def test_second_call_is_a_cache_hit_without_generation(tmp_path, engine):
     cfg = make_cfg(tmp_path, generation=GenerationConfig(num_benign=12))

@@ -52,6 +52,15 @@ def test_prompt_only_sources_are_refused_where_responses_are_needed(generated, k
     assert generated == []
 
 
+def test_a_packaged_dataset_with_responses_is_loaded_as_it_is(generated):
+    cfg = load_config(None, ["model.name=tiny-random-llama"])
+    note: dict = {}
+    records = _pool(cfg, "benign", [DataSourceConfig(kind="package", path="pyrit_helpful_responses")],
+                    note)
+    assert generated == [] and len(records) == 25 == note["loaded"]["benign:pyrit_helpful_responses"]["rows"]
+    assert all(r["response"] and not r["is_harmful"] for r in records)
+
+
 def test_an_evaluation_prompt_in_the_training_data_is_refused_naming_its_source():
     """Matching ignores case and surrounding blanks; the error names the training source."""
     from ray_fedit.evaluation.benchmarks import load_benchmark
