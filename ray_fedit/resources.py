@@ -20,10 +20,11 @@ Example (what the federation engine does)::
     ...
     placement.release()
 
-Inside a Ray Tune trial (``ray-fedit sweep``) the trial reserves ``trial_bundles(resources)`` with
-``tune.PlacementGroupFactory(bundles, strategy=resources.placement_strategy)``; the same
-:func:`acquire_worker_placement` call then places the workers in bundles 1..n of the trial's
-placement group instead of creating a second one (which would wait for resources the trial holds).
+Inside a Ray Tune trial (``ray-fedit sweep``) the trial reserves the workers' bundles first
+(:func:`ray_fedit.sweeps.trial_bundles`, with an empty head bundle: the trial's own process and
+the driver reserve nothing); the same :func:`acquire_worker_placement` call then places the
+workers in bundles 0..n-1 of the trial's placement group instead of creating a second one (which
+would wait for resources the trial holds).
 """
 
 from __future__ import annotations
@@ -86,15 +87,6 @@ def worker_resources(res: ResourcesConfig) -> Bundle:
 def worker_bundles(res: ResourcesConfig) -> list[Bundle]:
     """The placement-group bundles of a run's trainer workers: one per worker."""
     return [worker_resources(res) for _ in range(res.num_workers)]
-
-
-def trial_bundles(res: ResourcesConfig, head_cpus: float = 1.0) -> list[Bundle]:
-    """Bundles a Ray Tune trial reserves for one whole run: bundle 0 for the trial's own process
-    (plus anything it starts that is not a trainer worker, e.g. the driver actor: size ``head_cpus``
-    for both), then one bundle per trainer worker. Pass them to ``tune.PlacementGroupFactory``."""
-    if head_cpus < 0:
-        raise ValueError(f"head_cpus={head_cpus} must be >= 0")
-    return [{"CPU": float(head_cpus)}, *worker_bundles(res)]
 
 
 def driver_options(cpus: float = 1.0) -> dict[str, Any]:
@@ -411,19 +403,20 @@ def _reuse_current(res: ResourcesConfig, first_bundle: int) -> WorkerPlacement |
             f"this run executes inside a placement group (a Ray Tune trial?) whose bundles "
             f"{[format_resources(s) for s in specs]} do not hold the trainer workers' "
             f"{describe_request(wanted, res.placement_strategy)} from bundle {first_bundle} on; "
-            "fix: reserve ray_fedit.resources.trial_bundles(resources) for each trial")
+            "fix: reserve ray_fedit.sweeps.trial_bundles(config) for each trial")
     return WorkerPlacement(current, indices, worker_resources(res), res.max_restarts, owned=False)
 
 
 def acquire_worker_placement(res: ResourcesConfig, *, name: str = "",
                              timeout_s: float | None = DEFAULT_PLACEMENT_TIMEOUT_S,
                              nodes: Sequence[NodeCapacity] | None = None,
-                             reuse_current: bool = True, first_bundle: int = 1) -> WorkerPlacement:
+                             reuse_current: bool = True, first_bundle: int = 0) -> WorkerPlacement:
     """Reserve the trainer workers' bundles as one placement group (gang scheduling).
 
     1. warn when workers share GPUs (:data:`GPU_SHARING_WARNING`);
     2. inside a placement group that captures child tasks (a Ray Tune trial that reserved
-       :func:`trial_bundles`), use its bundles ``first_bundle..`` and create nothing;
+       :func:`ray_fedit.sweeps.trial_bundles`), use its bundles ``first_bundle..`` and create
+       nothing;
     3. otherwise :func:`check_feasible` against the cluster (fails at once when it never fits),
        create the placement group with ``res.placement_strategy`` and wait up to ``timeout_s``
        (None: forever) for it; on timeout remove it and raise :class:`ResourceError` with what the

@@ -23,16 +23,19 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_fedit.config import RunConfig, load_config
 from ray_fedit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ray_fedit.resources import NodeCapacity
 
 SWEEP_STATE = "sweep.json"
 
@@ -112,18 +115,21 @@ def load_sweep(path: str | Path, extra_overrides: Sequence[str] = ()) -> Sweep:
 
 
 def trial_bundles(cfg: RunConfig) -> list[dict[str, float]]:
-    """Resources one trial reserves with its placement group.
+    """Resources one trial reserves with its placement group, for ``tune.PlacementGroupFactory``.
 
-    The trial function and the (CPU-free) federation driver share bundle 0; the trainer workers take
-    bundles 1..n (:func:`ray_fedit.resources.trial_bundles`, which the worker pool reuses inside a
-    trial). Stages run one after another, so generation actors fit in the workers' bundles; only
-    actors beyond the worker count get bundles of their own.
+    The head bundle is empty: the trial's own process and the (CPU-free) federation driver only
+    orchestrate, so Tune reserves no CPU for them and the trial's group holds the trainer workers'
+    bundles at 0..n-1, where the worker pool looks for them
+    (:func:`ray_fedit.resources.acquire_worker_placement`). Stages run one after another, so the
+    generation actors and the evaluation's model task fit in the workers' bundles; only actors
+    beyond the worker count get bundles of their own.
     """
-    from ray_fedit.resources import trial_bundles as run_bundles
+    from ray_fedit.resources import worker_bundles
 
     gen = cfg.generation
     actor = {"CPU": 1.0, **({"GPU": gen.gpus_per_actor} if gen.gpus_per_actor else {})}
-    return run_bundles(cfg.resources) + [actor] * max(0, gen.num_actors - cfg.resources.num_workers)
+    extra = [actor] * max(0, gen.num_actors - cfg.resources.num_workers)
+    return [{}, *worker_bundles(cfg.resources), *extra]
 
 
 def outside_bundles(cfg: RunConfig) -> list[dict[str, float]]:
@@ -135,13 +141,48 @@ def outside_bundles(cfg: RunConfig) -> list[dict[str, float]]:
     return [{"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1.0} if d.use_gpu else {})}] * d.num_workers
 
 
-def max_concurrent(bundles: list[dict[str, float]], cluster: dict[str, float]) -> int:
-    """How many trials needing ``bundles`` each fit the cluster at once (at least 1)."""
+def _total(bundles: Sequence[Mapping[str, float]]) -> dict[str, float]:
     need: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():
             need[k] = need.get(k, 0.0) + v
-    fits = [math.floor(cluster.get(k, 0.0) / v) for k, v in need.items() if v > 0]
+    return need
+
+
+def check_trial_fits(cfg: RunConfig, nodes: Sequence[NodeCapacity]) -> None:
+    """Refuse a sweep whose single trial can never run: its reservation and its defense's Ray Train
+    workers (placed outside it) must fit the cluster together, or the defense waits forever for
+    CPUs the trial itself holds.
+
+    ``nodes`` are the cluster's alive nodes plus the groups its autoscaler may launch
+    (:func:`ray_fedit.resources.cluster_nodes`); an unbounded group always fits.
+
+    Raises:
+        ConfigError: naming both parts of the request, what the cluster has, and a fix.
+    """
+    from ray_fedit.resources import format_resources
+
+    if any(n.count < 0 for n in nodes):
+        return
+    have = _total([{k: v * n.count for k, v in n.resources.items()} for n in nodes])
+    reserved, outside = _total(trial_bundles(cfg)), _total(outside_bundles(cfg))
+    need = _total([reserved, outside])
+    short = [k for k, v in need.items() if v > have.get(k, 0.0) + 1e-9]
+    if short:
+        raise ConfigError(
+            f"one trial of this sweep needs {format_resources(need)}: {format_resources(reserved)} "
+            f"reserved for its run (resources.num_workers={cfg.resources.num_workers}, "
+            f"generation.num_actors={cfg.generation.num_actors}) plus {format_resources(outside)} "
+            f"for the defense's Ray Train workers, which Ray Train places outside the trial's "
+            f"reservation (defense.num_workers={cfg.defense.num_workers}); the cluster has "
+            f"{format_resources(have)} in all, too little {', '.join(short)}. fix: lower "
+            "resources.num_workers or defense.num_workers, use defense.name=none, or add nodes")
+
+
+def max_concurrent(bundles: list[dict[str, float]], cluster: dict[str, float]) -> int:
+    """How many trials needing ``bundles`` each fit the cluster's current resources at once (at
+    least 1: an autoscaler may add the rest; :func:`check_trial_fits` refuses what never fits)."""
+    fits = [math.floor(cluster.get(k, 0.0) / v) for k, v in _total(bundles).items() if v > 0]
     return max(1, min(fits) if fits else 1)
 
 
@@ -176,6 +217,7 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
 
     from ray_fedit.pipeline import ensure_ray
     from ray_fedit.report import write_sweep_report
+    from ray_fedit.resources import cluster_nodes
 
     sweep = load_sweep(path, overrides)
     # Trials read data files relative to where the sweep was started (as `ray-fedit run` does), so
@@ -187,6 +229,8 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     print(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials "
           f"({len(sweep.trials) // len(sweep.spec.seeds)} grid points x {len(sweep.spec.seeds)} seeds)")
     ensure_ray()
+    for trial in sweep.trials:
+        check_trial_fits(trial.config, cluster_nodes())
     bundles = trial_bundles(sweep.trials[0].config)
     limit = sweep.spec.max_concurrent_trials or max_concurrent(
         bundles + outside_bundles(sweep.trials[0].config), ray.cluster_resources())

@@ -43,7 +43,7 @@ def _probe() -> dict:  # pragma: no cover - runs in the subprocess
         cluster_nodes,
         driver_options,
         placement_nodes,
-        trial_bundles,
+        worker_bundles,
     )
 
     @ray.remote
@@ -139,14 +139,15 @@ def _probe() -> dict:  # pragma: no cover - runs in the subprocess
         lap("busy")
 
         # A Ray Tune trial: the run executes inside a capturing placement group that reserved
-        # trial_bundles(); the workers must use its bundles 1..n and create no placement group.
+        # trial_bundles() (an empty head, as Tune runs it: bundle 0 with no resources); the
+        # workers must use its bundles 0..n-1 and create no placement group.
         cfg = ResourcesConfig(num_workers=2, cpus_per_worker=1, gpus_per_worker=1,
                               placement_strategy="SPREAD")
         wait_all_gpus_free()
-        trial = placement_group(trial_bundles(cfg, head_cpus=1), strategy="SPREAD")
+        trial = placement_group(worker_bundles(cfg), strategy="SPREAD")
         ray.get(trial.ready(), timeout=30)
 
-        @ray.remote(num_cpus=1)
+        @ray.remote(num_cpus=0)
         def trial_body() -> dict:
             before = len(placement_group_table())
             placement = acquire_worker_placement(cfg, timeout_s=30)
@@ -312,10 +313,10 @@ def test_busy_cluster_times_out_and_cleans_up(probe):
 
 def test_tune_trial_reuses_its_placement_group(probe):
     trial = probe["trial"]
-    assert trial["owned"] is False and trial["indices"] == [1, 2]
+    assert trial["owned"] is False and trial["indices"] == [0, 1]
     assert trial["new_groups"] == 0 and trial["trial_state"] == "CREATED"
     bundle_nodes = trial["bundle_nodes"]
-    assert [a["node"] for a in trial["actors"]] == [bundle_nodes["1"], bundle_nodes["2"]]
+    assert [a["node"] for a in trial["actors"]] == [bundle_nodes["0"], bundle_nodes["1"]]
     assert sorted(a["node"] for a in trial["actors"]) == probe["gpu_nodes"]  # SPREAD
     assert trial["driver"]["num_gpus"] == 0
 

@@ -24,7 +24,6 @@ from ray_fedit.resources import (
     infeasibility,
     nodes_from_autoscaler,
     nodes_from_ray,
-    trial_bundles,
     warn_if_gpu_shared,
     worker_bundles,
     worker_resources,
@@ -47,8 +46,6 @@ def test_worker_bundles_follow_the_config():
     assert worker_bundles(res(num_workers=3, cpus_per_worker=2, gpus_per_worker=1)) == [
         {"CPU": 2.0, "GPU": 1.0}] * 3
     assert worker_resources(res(gpus_per_worker=0.25)) == {"CPU": 1.0, "GPU": 0.25}
-    assert trial_bundles(res(num_workers=2, gpus_per_worker=1), head_cpus=2) == [
-        {"CPU": 2.0}, ONE_GPU, ONE_GPU]
     assert driver_options() == {"num_cpus": 1.0, "num_gpus": 0}
     assert driver_options(0.5)["num_cpus"] == 0.5
 

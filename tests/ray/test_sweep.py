@@ -50,9 +50,10 @@ def test_sweep_2x2_resumes_after_interruption(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     after = _results(sweep_dir)
-    assert sorted(after) == sorted(
-        f"aggregator.name={a},attack.malicious_fraction={m}"
-        for a in ("mean", "median") for m in ("0.0", "0.25"))
+    assert sorted(after) == sorted(f"aggregator.name={a},defense.name={d}"
+                                   for a in ("mean", "median") for d in ("none", "posthoc"))
+    for key, result in after.items():  # the defended trials ran the defense inside their trial
+        assert ("defended.safety_rate" in result) == key.endswith("posthoc"), (key, sorted(result))
     for key, result in finished_before.items():  # finished trials were not run again
         assert after[key]["run_dir"] == result["run_dir"]
     assert len({r["run_dir"] for r in after.values()}) == 4

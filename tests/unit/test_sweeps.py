@@ -6,7 +6,14 @@ import pytest
 
 from ray_fedit.config import load_config
 from ray_fedit.errors import ConfigError
-from ray_fedit.sweeps import flatten_metrics, load_sweep, max_concurrent, trial_bundles
+from ray_fedit.sweeps import (
+    check_trial_fits,
+    flatten_metrics,
+    load_sweep,
+    max_concurrent,
+    outside_bundles,
+    trial_bundles,
+)
 from tests.conftest import ROOT
 
 
@@ -40,12 +47,33 @@ def test_unknown_sweep_keys_are_rejected(tmp_path):
 
 
 def test_trial_reservation_is_sized_by_the_largest_stage():
-    """2 trainer workers (1 CPU, 0.5 GPU) vs 1 generation actor -> 1 + 2 bundles."""
+    """2 trainer workers (1 CPU, 0.5 GPU) vs 1 generation actor -> an empty head + 2 bundles."""
     cfg = load_config(None, ["resources.num_workers=2", "resources.gpus_per_worker=0.5"])
-    assert trial_bundles(cfg) == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.5}, {"CPU": 1.0, "GPU": 0.5}]
-    # 3 CPUs and 1 GPU per trial: 8 CPUs / 3 -> 2, 4 GPUs / 1 -> 4; min = 2
-    assert max_concurrent(trial_bundles(cfg), {"CPU": 8.0, "GPU": 4.0}) == 2
+    assert trial_bundles(cfg) == [{}, {"CPU": 1.0, "GPU": 0.5}, {"CPU": 1.0, "GPU": 0.5}]
+    # 2 CPUs and 1 GPU per trial: 8 CPUs / 2 -> 4, 4 GPUs / 1 -> 4; min = 4
+    assert max_concurrent(trial_bundles(cfg), {"CPU": 8.0, "GPU": 4.0}) == 4
     assert max_concurrent(trial_bundles(cfg), {"CPU": 1.0}) == 1
+    # 3 generation actors over 2 workers: one more bundle
+    three = load_config(None, ["resources.num_workers=2", "generation.num_actors=3"])
+    assert trial_bundles(three) == [{}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_a_trial_whose_defense_cannot_fit_beside_its_reservation_is_refused():
+    """The quickstart on 2 CPUs: 1 reserved worker CPU + 1 Ray Train worker CPU fits; a second
+    federation worker leaves the defense no CPU, which would wait forever."""
+    from ray_fedit.resources import NodeCapacity
+
+    base = ["model.name=tiny-random-llama"]
+    laptop = [NodeCapacity("laptop", {"CPU": 2.0})]
+    assert outside_bundles(load_config(None, base)) == [{"CPU": 1.0}]
+    check_trial_fits(load_config(None, base), laptop)
+    two = load_config(None, [*base, "resources.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"needs CPU 3: CPU 2 reserved .* plus CPU 1 for the "
+                       r"defense's Ray Train workers.* the cluster has CPU 2 in all"):
+        check_trial_fits(two, laptop)
+    check_trial_fits(load_config(None, [*base, "resources.num_workers=2", "defense.name=none"]), laptop)
+    check_trial_fits(two, [*laptop, NodeCapacity("autoscaler group cpu", {"CPU": 4.0}, count=-1)])
+    check_trial_fits(two, [*laptop, NodeCapacity("autoscaler group cpu", {"CPU": 4.0}, count=1)])
 
 
 def test_flatten_metrics_keeps_numbers_only():
