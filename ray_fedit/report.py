@@ -1192,7 +1192,9 @@ def plot_sweep_fraction(summary: Any, grid: Sequence[str], suffix: str, path: Pa
             values = values if isinstance(values, tuple) else (values,)
             names = [_agg_label(values[0])] if agg else []
             names += [f"{a}={v}" for a, v in zip(rest, values[1:] if agg else values, strict=True)]
-            for stage, style in (("attacked", "-"), ("defended", "--")):
+            # Attacked and defended points sit half a percent apart so their intervals stay apart.
+            for stage, style, marker, dodge in (("attacked", "-", "o", -0.5),
+                                                ("defended", "--", "s", 0.5)):
                 col = f"{stage}.{suffix}"
                 if f"{col}.mean" not in sub.columns:
                     continue
@@ -1200,25 +1202,35 @@ def plot_sweep_fraction(summary: Any, grid: Sequence[str], suffix: str, path: Pa
                     subset=[f"{col}.mean"]).sort_values(frac)
                 if pts.empty:
                     continue
-                x = 100 * pts[frac].astype(float)
-                label = ", ".join(names) + (" + defense" if stage == "defended" else "")
+                x = 100 * pts[frac].astype(float) + dodge
+                label = ", ".join(names) or "attacked"
+                if stage == "defended":
+                    label = f"{label} + defense" if names else "attacked + post-hoc defense"
                 color = palette(gi % 10)
-                ax.plot(x, scale * pts[f"{col}.mean"], style, color=color, marker="o", lw=2,
-                        label=label or stage)
+                ax.plot(x, scale * pts[f"{col}.mean"], style, color=color, marker=marker, lw=2,
+                        label=label)
                 band = pts.dropna(subset=[f"{col}.ci_low", f"{col}.ci_high"])
                 if len(band):
                     any_band = True
-                    ax.fill_between(100 * band[frac].astype(float), scale * band[f"{col}.ci_low"],
-                                    scale * band[f"{col}.ci_high"], color=color, alpha=0.15)
+                    bx = 100 * band[frac].astype(float) + dodge
+                    lo, hi = scale * band[f"{col}.ci_low"], scale * band[f"{col}.ci_high"]
+                    ax.fill_between(bx, lo, hi, color=color, alpha=0.15)
+                    # Error bars too: a band has no width at a fraction with one grid point.
+                    mid = scale * band[f"{col}.mean"]
+                    ax.errorbar(bx, mid, yerr=[mid - lo, hi - mid], fmt="none", color=color,
+                                capsize=5, lw=1.2)
                 plotted = True
         if not plotted:
             return f"Safety vs. malicious fraction: skipped (no trial reported `*.{suffix}`)."
-        ax.set_xticks(sorted({100 * float(f) for f in summary[frac] if _num(f) is not None}))
+        ticks = sorted({100 * float(f) for f in summary[frac] if _num(f) is not None})
+        ax.set_xticks(ticks)
+        if len(ticks) == 1:  # one fraction: keep the two dodged points near its tick
+            ax.set_xlim(ticks[0] - 5, ticks[0] + 5)
         ax.set_xlabel("Malicious clients (%)")
         ax.set_ylabel(suffix.replace("_", " ").capitalize() + (" (%)" if pct else ""))
         if pct:
             ax.set_ylim(-2, 102)
-        band_txt = "bands: 95% t-interval across seeds" if any_band else "single seed: no interval"
+        band_txt = "bars: 95% t-interval over seeds" if any_band else "single seed: no interval"
         ax.set_title(f"{suffix.replace('_', ' ').capitalize()} vs. malicious fraction\n"
                      f"solid: attacked, dashed: + post-hoc defense; {band_txt}")
         ax.legend(loc="best")
