@@ -229,8 +229,9 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     print(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials "
           f"({len(sweep.trials) // len(sweep.spec.seeds)} grid points x {len(sweep.spec.seeds)} seeds)")
     ensure_ray()
+    nodes = cluster_nodes()
     for trial in sweep.trials:
-        check_trial_fits(trial.config, cluster_nodes())
+        check_trial_fits(trial.config, nodes)
     bundles = trial_bundles(sweep.trials[0].config)
     limit = sweep.spec.max_concurrent_trials or max_concurrent(
         bundles + outside_bundles(sweep.trials[0].config), ray.cluster_resources())
