@@ -182,7 +182,8 @@ def _probe() -> dict:  # pragma: no cover - runs in the subprocess
 def _node_loss(cluster, gpu_nodes) -> dict:  # pragma: no cover - runs in the subprocess
     """A federated run (tiny model, 2 trainer workers on distinct GPU nodes) loses the node of one
     worker in round 2: the round retries that worker's clients on the other worker, the lost worker
-    restarts on the spare node, and the final adapter equals the fault-free run's, bit for bit.
+    restarts on the GPU node left free (three GPU nodes, two workers), and the final adapter equals
+    the fault-free run's, bit for bit.
     25 local steps keep a client task running long enough (~0.5 s) for the node to die under it."""
     import numpy as np
     import psutil
@@ -324,8 +325,11 @@ def test_tune_trial_reuses_its_placement_group(probe):
 
 def test_losing_a_node_mid_run_retries_and_matches_the_fault_free_run(probe):
     loss = probe["node_loss"]
-    assert loss["removed"] in probe["gpu_nodes"], ("no worker node was removed in round 2", loss)
-    assert loss["removed"] not in loss["alive_nodes"] and probe["spare"] in loss["alive_nodes"]
+    # STRICT_SPREAD may put the two workers on any two of the three GPU nodes (the spare too).
+    gpu_nodes = [*probe["gpu_nodes"], probe["spare"]]
+    assert loss["removed"] in gpu_nodes, ("no worker node was removed in round 2", loss)
+    assert loss["removed"] not in loss["alive_nodes"]
+    assert sum(n in loss["alive_nodes"] for n in gpu_nodes) == 2, loss  # room to restart on
     assert loss["rounds_completed"] == 3, loss
     assert loss["round2"]["retries"] >= 1 and loss["round2"]["failed"] == [], loss
     survivor = 1 - loss["lost_worker"]
