@@ -89,6 +89,12 @@ def worker_bundles(res: ResourcesConfig) -> list[Bundle]:
     return [worker_resources(res) for _ in range(res.num_workers)]
 
 
+def defense_worker_resources(res: ResourcesConfig, use_gpu: bool) -> Bundle:
+    """One Ray Train worker of the post-hoc defense: ``cpus_per_worker`` CPUs, and a whole GPU
+    when ``defense.use_gpu`` (Ray Train's default with ``use_gpu``)."""
+    return {"CPU": float(res.cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+
+
 def driver_options(cpus: float = 1.0) -> dict[str, Any]:
     """``.options()`` of the driver actor: CPU only, never a GPU."""
     return {"num_cpus": float(cpus), "num_gpus": 0}
@@ -196,7 +202,8 @@ def _fits(bundle: Mapping[str, float], capacity: Mapping[str, float]) -> bool:
                if amount > 0)
 
 
-def _sum_bundles(bundles: Sequence[Mapping[str, float]]) -> Bundle:
+def sum_bundles(bundles: Sequence[Mapping[str, float]]) -> Bundle:
+    """Resources of several bundles added up, per key."""
     total: Bundle = {}
     for bundle in bundles:
         for key, amount in bundle.items():
@@ -284,7 +291,7 @@ def infeasibility(bundles: Sequence[Mapping[str, float]], strategy: str,
             return (f"no node can hold one bundle {{{format_resources(bundle)}}} (the most any "
                     f"node has: {format_resources(largest)})")
     if strategy == "STRICT_PACK":
-        total = _sum_bundles(bundles)
+        total = sum_bundles(bundles)
         if not any(_fits(total, cap) for cap in caps):
             return (f"STRICT_PACK needs all bundles on one node ({format_resources(total)}), "
                     "and no node has that much")
@@ -294,7 +301,7 @@ def infeasibility(bundles: Sequence[Mapping[str, float]], strategy: str,
             return (f"STRICT_SPREAD needs {len(bundles)} distinct nodes, one bundle each, and only "
                     f"{fitting} node(s) can hold a bundle")
     elif not _pack_ok(bundles, caps):
-        total = _sum_bundles(bundles)
+        total = sum_bundles(bundles)
         return (f"the bundles need {format_resources(total)} in all and do not fit into the nodes "
                 "together")
     return None
@@ -314,7 +321,7 @@ def describe_cluster(nodes: Sequence[NodeCapacity]) -> str:
     alive = [n for n in nodes if not n.name.startswith("autoscaler group")]
     lines = [f"the cluster has {len(alive)} alive node(s):"]
     lines += [f"  - {n.describe()}" for n in nodes]
-    total = _sum_bundles([n.resources for n in alive])
+    total = sum_bundles([n.resources for n in alive])
     lines.append(f"  alive total: {format_resources(total)}")
     return "\n".join(lines)
 
@@ -388,7 +395,7 @@ class WorkerPlacement:
         self.release()
 
 
-def _reuse_current(res: ResourcesConfig, first_bundle: int) -> WorkerPlacement | None:
+def _reuse_current(res: ResourcesConfig) -> WorkerPlacement | None:
     from ray.util import get_current_placement_group
 
     current = get_current_placement_group()
@@ -396,13 +403,13 @@ def _reuse_current(res: ResourcesConfig, first_bundle: int) -> WorkerPlacement |
         return None
     wanted = worker_bundles(res)
     specs = list(current.bundle_specs)
-    indices = list(range(first_bundle, first_bundle + len(wanted)))
-    have = specs[first_bundle:first_bundle + len(wanted)]
+    indices = list(range(len(wanted)))
+    have = specs[:len(wanted)]
     if len(have) < len(wanted) or not all(_fits(w, h) for w, h in zip(wanted, have, strict=False)):
         raise ResourceError(
             f"this run executes inside a placement group (a Ray Tune trial?) whose bundles "
             f"{[format_resources(s) for s in specs]} do not hold the trainer workers' "
-            f"{describe_request(wanted, res.placement_strategy)} from bundle {first_bundle} on; "
+            f"{describe_request(wanted, res.placement_strategy)} in its first bundles; "
             "fix: reserve ray_fedit.sweeps.trial_bundles(config) for each trial")
     return WorkerPlacement(current, indices, worker_resources(res), res.max_restarts, owned=False)
 
@@ -410,13 +417,12 @@ def _reuse_current(res: ResourcesConfig, first_bundle: int) -> WorkerPlacement |
 def acquire_worker_placement(res: ResourcesConfig, *, name: str = "",
                              timeout_s: float | None = DEFAULT_PLACEMENT_TIMEOUT_S,
                              nodes: Sequence[NodeCapacity] | None = None,
-                             reuse_current: bool = True, first_bundle: int = 0) -> WorkerPlacement:
+                             reuse_current: bool = True) -> WorkerPlacement:
     """Reserve the trainer workers' bundles as one placement group (gang scheduling).
 
     1. warn when workers share GPUs (:data:`GPU_SHARING_WARNING`);
     2. inside a placement group that captures child tasks (a Ray Tune trial that reserved
-       :func:`ray_fedit.sweeps.trial_bundles`), use its bundles ``first_bundle..`` and create
-       nothing;
+       :func:`ray_fedit.sweeps.trial_bundles`), use its bundles ``0..n-1`` and create nothing;
     3. otherwise :func:`check_feasible` against the cluster (fails at once when it never fits),
        create the placement group with ``res.placement_strategy`` and wait up to ``timeout_s``
        (None: forever) for it; on timeout remove it and raise :class:`ResourceError` with what the
@@ -427,7 +433,7 @@ def acquire_worker_placement(res: ResourcesConfig, *, name: str = "",
 
     warn_if_gpu_shared(res)
     if reuse_current:
-        reused = _reuse_current(res, first_bundle)
+        reused = _reuse_current(res)
         if reused is not None:
             return reused
     bundles = worker_bundles(res)

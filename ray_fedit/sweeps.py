@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,18 +135,11 @@ def trial_bundles(cfg: RunConfig) -> list[dict[str, float]]:
 def outside_bundles(cfg: RunConfig) -> list[dict[str, float]]:
     """Resources a trial uses outside its reservation: Ray Train (the defense) places its workers
     with its own placement group, so concurrent trials must leave room for them."""
+    from ray_fedit.resources import defense_worker_resources
+
     if cfg.defense.name == "none":
         return []
-    d = cfg.defense
-    return [{"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1.0} if d.use_gpu else {})}] * d.num_workers
-
-
-def _total(bundles: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    need: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            need[k] = need.get(k, 0.0) + v
-    return need
+    return [defense_worker_resources(cfg.resources, cfg.defense.use_gpu)] * cfg.defense.num_workers
 
 
 def check_trial_fits(cfg: RunConfig, nodes: Sequence[NodeCapacity]) -> None:
@@ -160,13 +153,13 @@ def check_trial_fits(cfg: RunConfig, nodes: Sequence[NodeCapacity]) -> None:
     Raises:
         ConfigError: naming both parts of the request, what the cluster has, and a fix.
     """
-    from ray_fedit.resources import format_resources
+    from ray_fedit.resources import format_resources, sum_bundles
 
     if any(n.count < 0 for n in nodes):
         return
-    have = _total([{k: v * n.count for k, v in n.resources.items()} for n in nodes])
-    reserved, outside = _total(trial_bundles(cfg)), _total(outside_bundles(cfg))
-    need = _total([reserved, outside])
+    have = sum_bundles([{k: v * n.count for k, v in n.resources.items()} for n in nodes])
+    reserved, outside = sum_bundles(trial_bundles(cfg)), sum_bundles(outside_bundles(cfg))
+    need = sum_bundles([reserved, outside])
     short = [k for k, v in need.items() if v > have.get(k, 0.0) + 1e-9]
     if short:
         raise ConfigError(
@@ -182,7 +175,9 @@ def check_trial_fits(cfg: RunConfig, nodes: Sequence[NodeCapacity]) -> None:
 def max_concurrent(bundles: list[dict[str, float]], cluster: dict[str, float]) -> int:
     """How many trials needing ``bundles`` each fit the cluster's current resources at once (at
     least 1: an autoscaler may add the rest; :func:`check_trial_fits` refuses what never fits)."""
-    fits = [math.floor(cluster.get(k, 0.0) / v) for k, v in _total(bundles).items() if v > 0]
+    from ray_fedit.resources import sum_bundles
+
+    fits = [math.floor(cluster.get(k, 0.0) / v) for k, v in sum_bundles(bundles).items() if v > 0]
     return max(1, min(fits) if fits else 1)
 
 

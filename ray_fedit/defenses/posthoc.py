@@ -191,6 +191,8 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ray_fedit.resources import defense_worker_resources
+
     if not records:
         raise ValueError("the defense set is empty; check the defense data stage")
     d = cfg.defense
@@ -205,8 +207,9 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
                            "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None,
                            "deepspeed_config": _read_deepspeed_config(d.deepspeed),
                            "out_dir": str(out_dir)},
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=d.num_workers, use_gpu=d.use_gpu,
+            resources_per_worker=defense_worker_resources(cfg.resources, d.use_gpu)),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=TrainRunConfig(name="defense", storage_path=str(out_dir / "ray_train")),
     )

@@ -179,3 +179,21 @@ def test_imports_without_ray():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no node can hold one bundle {GPU 1}" in out.stdout
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_a_sweep_counts_the_defense_workers_as_ray_train_reserves_them(use_gpu):
+    """What ``ray-fedit sweep`` leaves room for equals what Ray Train reserves for the defense's
+    worker group (its default of one GPU per worker with ``use_gpu``)."""
+    from ray.train import ScalingConfig
+
+    from ray_fedit.config import load_config
+    from ray_fedit.resources import sum_bundles
+    from ray_fedit.sweeps import outside_bundles
+
+    cfg = load_config(None, ["resources.cpus_per_worker=2", "defense.num_workers=4",
+                             f"defense.use_gpu={str(use_gpu).lower()}"])
+    train = ScalingConfig(num_workers=4, use_gpu=use_gpu, resources_per_worker={"CPU": 2.0})
+    reserved = {k: v for k, v in train.total_resources.items() if v}
+    assert sum_bundles(outside_bundles(cfg)) == reserved == ({"CPU": 8.0, "GPU": 4.0} if use_gpu
+                                                             else {"CPU": 8.0})
