@@ -75,7 +75,7 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return None  # an HTTP date; fall back to exponential backoff
 
 
-def post_chat(url: str, payload: dict[str, Any], *, api_key: Secret | None, timeout_s: float,
+def post_json(url: str, payload: dict[str, Any], *, api_key: Secret | None, timeout_s: float,
               max_retries: int, backoff_s: float,
               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """POST one JSON request (chat or plain completions), retrying transient failures.
@@ -147,7 +147,7 @@ class HttpChatGenerator:
 
     def _one(self, prompt: str, seed: int) -> dict[str, Any]:
         payload = chat_payload({"prompt": prompt, "seed": seed}, self.sampling, self.cfg.model)
-        body = post_chat(self.url, payload, api_key=self.api_key, timeout_s=self.cfg.timeout_s,
+        body = post_json(self.url, payload, api_key=self.api_key, timeout_s=self.cfg.timeout_s,
                          max_retries=self.cfg.max_retries, backoff_s=self.cfg.backoff_s)
         try:
             return parse_chat_response(body)

@@ -17,7 +17,7 @@ on its own line, with one number in range. Anything else is unparseable (``safe`
 None). Each row's ``safe`` is the judge's refusal answer (an explicit refusal is the safe outcome),
 and its ``score`` is the StrongREJECT score above (lower is safer).
 
-Requests go through the generation engine's HTTP client (``generation.http.post_chat``: retries
+Requests go through the generation engine's HTTP client (``generation.http.post_json``: retries
 with exponential back-off on 408/409/425/429/5xx, ``Retry-After`` and connection errors) from a
 thread pool, with the API key read from the environment variable the config names; the key is never
 logged or written.
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray_fedit.config import HttpEngineConfig
 from ray_fedit.generation.errors import GenerationError
-from ray_fedit.generation.http import api_key_from_env, post_chat
+from ray_fedit.generation.http import api_key_from_env, post_json
 from ray_fedit.registry import JUDGES
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def post_each(
     """POST each JSON body to ``{base_url}{path}`` concurrently and return the parsed replies in order.
 
     Up to ``http.max_concurrency`` requests are in flight, each sent with the generation engine's
-    client (:func:`ray_fedit.generation.http.post_chat`): retries with back-off on 408/409/425/429,
+    client (:func:`ray_fedit.generation.http.post_json`): retries with back-off on 408/409/425/429,
     5xx, ``Retry-After``, connection errors and timeouts; the API key from ``$<api_key_env>``.
 
     Args:
@@ -79,7 +79,7 @@ def post_each(
 
     def one(body: dict[str, Any]) -> str:
         try:
-            reply = post_chat(url, body, api_key=key, timeout_s=http.timeout_s,
+            reply = post_json(url, body, api_key=key, timeout_s=http.timeout_s,
                               max_retries=http.max_retries, backoff_s=http.backoff_s)
         except GenerationError as e:
             raise HttpJudgeError(f"{e}; {hint}") from None

@@ -13,7 +13,7 @@ import pytest
 
 from ray_fedit.config import HttpEngineConfig
 from ray_fedit.generation.errors import GenerationError
-from ray_fedit.generation.http import HttpChatGenerator, Secret, api_key_from_env, post_chat
+from ray_fedit.generation.http import HttpChatGenerator, Secret, api_key_from_env, post_json
 from ray_fedit.generation.rows import SamplingParams
 
 KEY = "sk-test-0123456789"
@@ -97,7 +97,7 @@ def _payload(prompt: str) -> dict:
 
 def _post(server, prompt, sleeps, retries=3):
     key = Secret(KEY)
-    return post_chat(server.url + "/chat/completions", _payload(prompt), api_key=key,
+    return post_json(server.url + "/chat/completions", _payload(prompt), api_key=key,
                      timeout_s=5, max_retries=retries, backoff_s=0.5, sleep=sleeps.append)
 
 
@@ -142,7 +142,7 @@ def test_connection_errors_are_retried():
         url = s.url
     sleeps: list[float] = []  # the server is gone: connection refused on every attempt
     with pytest.raises(GenerationError, match="failed 3 times"):
-        post_chat(url + "/chat/completions", _payload("x"), api_key=None, timeout_s=2,
+        post_json(url + "/chat/completions", _payload("x"), api_key=None, timeout_s=2,
                   max_retries=2, backoff_s=0.1, sleep=sleeps.append)
     assert sleeps == [0.1, 0.2]
 
