@@ -12,13 +12,22 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ray_fedit.errors import ConfigError
 
@@ -34,6 +43,8 @@ class Section(BaseModel):
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# numpy's default_rng rejects negative seeds, and derive_seed keeps only a seed's low 64 bits.
+Seed = Annotated[int, Field(ge=0, lt=2**64)]
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -45,7 +56,7 @@ class TinyModelConfig(Section):
     num_heads: PositiveInt = 4
     num_kv_heads: PositiveInt = 2
     intermediate_size: PositiveInt = 128
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -131,6 +142,11 @@ class UpdateAttackConfig(Section):
 
     name: str = Field("none", description="'none' or a registered update attack (sign_flip, alie, ...)")
     params: dict[str, Any] = Field(default_factory=dict)
+    on_too_few_references: Literal["send_trained", "raise"] = Field(
+        "send_trained", description="a round with fewer reference updates than the attack needs "
+        "(ALIE, IPM, min-max, min-sum under uniform sampling): send_trained = the malicious clients "
+        "send the update they trained on their poisoned data unchanged (logged per round in "
+        "rounds.jsonl); raise = stop the run")
 
 
 class AttackConfig(Section):
@@ -190,8 +206,9 @@ class DefenseConfig(Section):
                                        "(the steps ablation, paper Fig. 6)")
     num_workers: PositiveInt = Field(1, description="Ray Train workers (data parallel)")
     use_gpu: bool = False
-    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config "
-                                  "(configs/deepspeed/); default: plain DDP")
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config, relative "
+                                  "to the working directory (configs/deepspeed/); checked at "
+                                  "load; default: plain DDP")
 
     @model_validator(mode="after")
     def _batch_splits(self) -> DefenseConfig:
@@ -206,6 +223,12 @@ class DefenseConfig(Section):
 
 
 # ------------------------------------------------------------------------------------ federation
+# Server step sizes when federation.server_lr is not set: FedAvg and OpenFedLLM's FedAvgM step by
+# the (momentum of the) aggregate itself; the adaptive optimizers use OpenFedLLM's fedopt_eta.
+DEFAULT_SERVER_LR = {"none": 1.0, "fedavgm": 1.0, "fedadagrad": 1e-3, "fedadam": 1e-3,
+                     "fedyogi": 1e-3}
+
+
 class FederationConfig(Section):
     """Rounds, clients and local training (paper: 10 clients, 3 per round, 100 rounds, 10 steps)."""
 
@@ -223,7 +246,10 @@ class FederationConfig(Section):
     algorithm: Literal["fedavg", "fedprox", "scaffold"] = "fedavg"
     prox_mu: Annotated[float, Field(ge=0.0)] = 0.01
     server_optimizer: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
-    server_lr: Annotated[float, Field(gt=0.0)] = 1.0
+    server_lr: Annotated[float, Field(gt=0.0)] | None = Field(
+        None, description="server step size; default per optimizer: 1.0 for none and fedavgm "
+        "(FedAvg, and OpenFedLLM's FedAvgM), 1e-3 for fedadagrad, fedadam and fedyogi "
+        "(OpenFedLLM's fedopt_eta; an adaptive step of 1.0 is ~1000x a FedAvg step)")
     server_momentum: Fraction = 0.9
     server_beta1: Fraction = 0.9
     server_beta2: Fraction = 0.99
@@ -242,6 +268,13 @@ class FederationConfig(Section):
     checkpoint_every: Annotated[int, Field(ge=0)] = 1
     eval_every: Annotated[int, Field(ge=0)] = Field(0, description="evaluate the global adapter "
                                                     "every N rounds (0: only after the stage)")
+
+    @property
+    def resolved_server_lr(self) -> float:
+        """``server_lr``, or the optimizer's default when it is not set."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return DEFAULT_SERVER_LR[self.server_optimizer]
 
 
 # ----------------------------------------------------------------------------- generation + eval
@@ -273,7 +306,7 @@ class GenerationConfig(Section):
     num_aligned: PositiveInt = Field(100, description="aligned (refusal) pairs generated")
     generator_model: str | None = Field(None, description="model that writes attack, benign and "
                                         "aligned data (like model.name); default: model.name")
-    data_seed: int | None = Field(None, description="seed of generated data; default: the run seed")
+    data_seed: Seed | None = Field(None, description="seed of generated data; default: the run seed")
     torch_threads: PositiveInt = Field(2, description="torch threads per hf actor (size to cores)")
     gpus_per_actor: Annotated[float, Field(ge=0.0)] = Field(0.0, description="GPUs per hf actor; "
                                                             "the actor uses CUDA when it gets one")
@@ -310,7 +343,7 @@ class BenchmarkConfig(Section):
     name: Literal["advbench", "harmbench", "strongreject", "donotanswer", "custom"] = "advbench"
     source: DataSourceConfig | None = Field(None, description="for name=custom")
     num_prompts: PositiveInt | None = 64
-    seed: int | None = Field(None, description="seed of the prompt subset; default: the run seed")
+    seed: Seed | None = Field(None, description="seed of the prompt subset; default: the run seed")
     stratify: bool = Field(True, description="keep each category's share in the subset")
     append_period: bool = Field(False, description="append '.' to instructions without final "
                                 "punctuation (the paper does this to AdvBench)")
@@ -379,14 +412,31 @@ class ResourcesConfig(Section):
 class OutputConfig(Section):
     """Where runs go: ``<root>/<name>/<timestamp>/``."""
 
-    root: str = "runs"
-    name: str = "run"
+    root: str = Field("runs", description="directory of all runs, relative to the working "
+                      "directory; '.' is the working directory itself")
+    name: str = Field("run", description="one directory name under root (no '/'; nest runs with "
+                      "root: runs/study)")
+
+    @field_validator("root")
+    @classmethod
+    def _root_names_a_directory(cls, root: str) -> str:
+        if not root.strip():
+            raise ValueError("must name a directory; use '.' for the working directory")
+        return root
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_directory(cls, name: str) -> str:
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError("must be one directory name (not empty, '.' or '..', no '/' or "
+                             "'\\'); fix: nest runs with output.root, e.g. root: runs/study")
+        return name
 
 
 class RunConfig(Section):
     """One run: FedIT under attack, evaluation, post-hoc defense, evaluation, report."""
 
-    seed: int = 0
+    seed: Seed = Field(0, description="run seed, in [0, 2**64): every random draw derives from it")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
@@ -430,16 +480,20 @@ class RunConfig(Section):
         return params
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> RunConfig:
-        fed = self.federation
-        _require(fed.clients_per_round <= fed.num_clients, "federation.clients_per_round",
-                 fed.clients_per_round, f"must be <= federation.num_clients ({fed.num_clients})",
-                 "lower clients_per_round or raise num_clients")
-        if fed.min_quorum is not None:
-            _require(fed.min_quorum <= fed.clients_per_round, "federation.min_quorum",
-                     fed.min_quorum, f"must be <= clients_per_round ({fed.clients_per_round})",
-                     "lower min_quorum")
-        self._check_components()
+    def _cross_field_rules(self, info: ValidationInfo) -> RunConfig:
+        # Every rule runs, so one load reports all of them (one "@path: ..." line each). Files the
+        # config names are read only by load_config (context read_files): Ray workers validate
+        # the config again in their own working directories.
+        read_files = bool(info.context and info.context.get("read_files"))
+        problems = [*_federation_problems(self.federation),
+                    *_defense_problems(self.defense, read_files)]
+        try:
+            self._check_components()
+        except ValueError as e:
+            problems.append(str(e))
+        problems += [*_aggregator_f_problems(self), *_min_quorum_problems(self)]
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def _check_components(self) -> None:
@@ -458,6 +512,7 @@ class RunConfig(Section):
         known("aggregator.name", AGGREGATORS, self.aggregator.name)
         if self.attack.update.name != "none":
             known("attack.update.name", ATTACKS, self.attack.update.name)
+            self._check_update_attack()
         if self.defense.name != "none":
             known("defense.name", DEFENSES, self.defense.name)
         for i, judge in enumerate(self.evaluation.judges):
@@ -469,6 +524,22 @@ class RunConfig(Section):
             raise ValueError(f"@aggregator: {e}; fix: change aggregator.f/params or "
                              "federation.clients_per_round") from None
 
+    def _check_update_attack(self) -> None:
+        """Known parameters, and a sampling under which the attack can find its references."""
+        from ray_fedit.attacks import check_update_attack_feasible, check_update_attack_params
+        from ray_fedit.federation.sampling import malicious_per_round
+
+        upd, fed = self.attack.update, self.federation
+        mode = "openfedllm" if fed.compat == "openfedllm" else fed.sampling
+        try:
+            check_update_attack_params(upd.name, upd.params)
+            check_update_attack_feasible(
+                upd.name, upd.params, clients_per_round=fed.clients_per_round,
+                malicious_per_round=malicious_per_round(mode, fed.num_clients,
+                                                        fed.clients_per_round, self.num_malicious))
+        except ConfigError as e:
+            raise ValueError(f"@attack.update: {e}") from None
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -477,9 +548,128 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))
 
 
-def _require(ok: bool, path: str, value: Any, rule: str, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"@{path}: {value!r} {rule}; fix: {fix}")
+def _problem(path: str, value: Any, rule: str, fix: str) -> str:
+    """A cross-field problem, ``@path: value rule; fix: ...``, as ``_format_errors`` reads it.
+
+    ``path`` may list related fields after the reported one (``a.b,c.d``): the problem is then
+    located at whichever of them an override or the file sets.
+    """
+    return f"@{path}: {value!r} {rule}; fix: {fix}"
+
+
+def _federation_problems(fed: FederationConfig) -> list[str]:
+    problems = []
+    if fed.clients_per_round > fed.num_clients:
+        problems.append(_problem("federation.clients_per_round", fed.clients_per_round,
+                                 f"must be <= federation.num_clients ({fed.num_clients})",
+                                 "lower clients_per_round or raise num_clients"))
+    if fed.min_quorum is not None and fed.min_quorum > fed.clients_per_round:
+        problems.append(_problem("federation.min_quorum", fed.min_quorum,
+                                 f"must be <= clients_per_round ({fed.clients_per_round})",
+                                 "lower min_quorum"))
+    # Also checked by federation.driver.check_clients, for configs built without load_config.
+    if fed.compat == "openfedllm" and fed.sampling == "stratified":
+        problems.append(_problem(
+            "federation.compat,federation.sampling", fed.compat, "samples clients like the "
+            "paper's code (random.seed(round)) and cannot also keep each round's malicious share "
+            "(sampling=stratified)", "set federation.sampling=uniform or federation.compat=none"))
+    return problems
+
+
+def _defense_problems(d: DefenseConfig, read_files: bool) -> list[str]:
+    if d.name == "none":  # no defense stage: nothing in the section is used
+        return []
+    problems = []
+    if d.level == 1 and not d.public:
+        problems.append(_problem(
+            "defense.level,defense.public", d.level, "samples defense data from defense.public, "
+            "which is empty", "add sources to defense.public (e.g. {kind: package, path: "
+            "pyrit_safe_responses}) or use defense.level 2 or 3"))
+    if d.deepspeed is not None and read_files:
+        rule = _deepspeed_rule(d.deepspeed)
+        if rule is not None:
+            problems.append(_problem("defense.deepspeed", d.deepspeed, rule, "name a DeepSpeed "
+                                     "JSON config (e.g. configs/deepspeed/zero2_offload.json), "
+                                     "or remove the key for plain DDP"))
+    return problems
+
+
+def _deepspeed_rule(path: str) -> str | None:
+    """Why the DeepSpeed JSON at ``path`` cannot be used, or None.
+
+    Read as the defense trainer reads it (``defenses.posthoc``, in the driver): a relative path
+    starts at the working directory.
+    """
+    if not path.strip():
+        return "is empty"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        return (f"cannot be read ({e.strerror}; relative paths start at the working directory "
+                f"{Path.cwd()})")
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"is not valid JSON (line {e.lineno}: {e.msg})"
+    if not isinstance(data, dict):
+        return "must hold a JSON object"
+    return None
+
+
+def _aggregator_f_problems(cfg: RunConfig) -> list[str]:
+    """``aggregator.f`` must reach the rule: no explicit count for a rule without f, no second f."""
+    from ray_fedit.aggregators import accepted_params
+    from ray_fedit.registry import RegistryError
+
+    agg = cfg.aggregator
+    if agg.f is None:
+        return []
+    try:
+        takes_f = "f" in accepted_params(agg.name)
+    except RegistryError:  # reported by _check_components
+        return []
+    if not takes_f and agg.f != "expected":  # 'expected' spans robust and plain rules on purpose
+        return [_problem("aggregator.f,aggregator.name", agg.f, "is an attacker count, but "
+                         f"aggregator {agg.name!r} takes no f", "remove aggregator.f, or write "
+                         "f: expected (given only to rules that take f)")]
+    if takes_f and "f" in agg.params:
+        return [_problem("aggregator.f,aggregator.params", agg.f,
+                         f"and aggregator.params.f={agg.params['f']!r} both set f",
+                         "keep only aggregator.f")]
+    return []
+
+
+def _min_quorum_problems(cfg: RunConfig) -> list[str]:
+    """After failures a round aggregates as few as ``min_quorum`` updates: the rule must work."""
+    from ray_fedit.aggregators import check_params
+    from ray_fedit.errors import AggregationError
+    from ray_fedit.registry import RegistryError
+
+    fed, name = cfg.federation, cfg.aggregator.name
+    if fed.min_quorum is None or fed.min_quorum >= fed.clients_per_round:
+        return []
+
+    def fails(n: int) -> AggregationError | None:
+        try:
+            check_params(name, n, params)
+        except AggregationError as e:
+            return e
+        return None
+
+    try:
+        params = cfg.aggregator_params()
+        if fails(fed.clients_per_round):  # reported by _check_components
+            return []
+    except RegistryError:
+        return []
+    error = fails(fed.min_quorum)
+    if error is None:
+        return []
+    enough = next(n for n in range(fed.min_quorum + 1, fed.clients_per_round + 1) if not fails(n))
+    return [_problem("federation.min_quorum,aggregator", fed.min_quorum, "is too few updates "
+                     f"for aggregator {name!r} (a round that aggregates only min_quorum updates "
+                     f"would fail: {error})", f"raise federation.min_quorum to {enough}, or "
+                     "change aggregator.f/params")]
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -514,64 +704,129 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
 
 
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
+KeyPath = tuple[str, ...]
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+
+def _yaml_lines(
+    root: yaml.Node | None, loader: yaml.SafeLoader
+) -> tuple[dict[KeyPath, int], list[tuple[KeyPath, int, int]]]:
+    """Map each key path of a composed YAML document to its 1-based line, for error messages.
+
+    Also returns the keys repeated within one mapping, as ``(path, line, first line)``: YAML
+    would keep only the last value. Keys compare as ``loader`` constructs them (``1`` and ``0x1``
+    are the same key); a key after a ``<<`` merge overrides the merged one and is no repeat.
+    """
+    lines: dict[KeyPath, int] = {}
+    repeats: list[tuple[KeyPath, int, int]] = []
+    reported: set[int] = set()  # an aliased mapping is walked once per path that reaches it
+    on_path: set[int] = set()  # a recursive alias (a: &x [*x]) is not walked forever
+
+    def walk(node: yaml.Node, path: KeyPath) -> None:
+        if id(node) in on_path:
+            return
+        on_path.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
             for k, v in node.value:
-                p = (*path, str(k.value))
-                lines[p] = k.start_mark.line + 1
+                p, line = (*path, str(k.value)), k.start_mark.line + 1
+                lines[p] = line
+                if k.tag != _MERGE_TAG:
+                    try:
+                        key = loader.construct_object(k, deep=True)
+                        if key in first and id(k) not in reported:
+                            reported.add(id(k))
+                            repeats.append((p, line, first[key]))
+                        first.setdefault(key, line)
+                    except TypeError:  # an unhashable key: construct_document reports it
+                        pass
                 walk(v, p)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 lines[(*path, str(i))] = v.start_mark.line + 1
                 walk(v, (*path, str(i)))
+        on_path.discard(id(node))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, ())
-    return lines
+    return lines, repeats
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """The tree of a YAML config file, and the line of each key path in it.
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8 or not YAML, repeats a key (one line
+            per repeat), or does not hold a mapping.
+    """
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {source!r}: cannot read it ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{source}:{line}: not UTF-8 text (byte offset {e.start}: {e.reason}); "
+                          "save the config as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        lines, repeats = _yaml_lines(root, loader)
+        loaded = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if repeats:
+        raise ConfigError("\n".join(
+            f"{source}:{line}: {'.'.join(p)}: duplicate key (first at line {first}); YAML would "
+            "keep only the last value; fix: remove one of them" for p, line, first in repeats))
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return loaded or {}, lines
 
 
 def _format_errors(
     e: ValidationError,
     source: str,
-    lines: dict[tuple[str, ...], int],
-    from_override: dict[tuple[str, ...], str],
+    lines: dict[KeyPath, int],
+    from_override: dict[KeyPath, str],
 ) -> str:
+    def at(locs: list[KeyPath], cross_field: bool) -> str:
+        """The override that set one of ``locs`` (or their section), else the file line."""
+        prefixes = [loc[:i] for loc in locs for i in range(len(loc), 0, -1)]
+        override = next((from_override[p] for p in prefixes if p in from_override), None)
+        if override is None and cross_field:  # an override inside the section a rule checks
+            override = next((ov for loc in locs for key, ov in from_override.items()
+                             if key[: len(loc)] == loc), None)
+        line = next((lines[p] for p in [*locs, *prefixes] if p in lines), None)
+        if override is not None:
+            return f"override {override!r}: "
+        if line is not None:
+            return f"{source}:{line}: "
+        return f"{source}: " if source else ""
+
     msgs = []
     for err in e.errors():
         loc = tuple(str(p) for p in err["loc"])
         text = err["msg"].removeprefix("Value error, ")
-        cross_field = text.startswith("@")
-        if cross_field:  # a rule across fields: the path is inside the message
-            path, _, text = text[1:].partition(": ")
-            loc = tuple(path.split("."))
+        if text.startswith("@"):  # rules across fields: "@path[,related]: ..." lines (_problem)
+            for problem in text[1:].split("\n@"):
+                paths, _, rule = problem.partition(": ")
+                where = paths.split(",")[0]
+                msgs.append(f"{at([tuple(p.split('.')) for p in paths.split(',')], True)}"
+                            f"{where}: {rule}")
+            continue
         where = ".".join(loc) or "(top level)"
-        prefixes = [loc[:i] for i in range(len(loc), 0, -1)]
-        override = next((from_override[p] for p in prefixes if p in from_override), None)
-        if override is None and cross_field:  # an override inside the section this rule checks
-            override = next((ov for key, ov in from_override.items() if key[: len(loc)] == loc), None)
-        line = next((lines[p] for p in prefixes if p in lines), None)
-        if override is not None:
-            at = f"override {override!r}: "
-        elif line is not None:
-            at = f"{source}:{line}: "
-        else:
-            at = f"{source}: " if source else ""
         if err["type"] == "extra_forbidden":
-            parent = loc[:-1]
-            known = _known_fields(parent)
-            msgs.append(f"{at}{where}: unknown key; known keys here: {', '.join(known)}")
-        elif cross_field or text.startswith(f"{err.get('input')!r} "):
-            msgs.append(f"{at}{where}: {text}")
+            known = _known_fields(loc[:-1])
+            msgs.append(f"{at([loc], False)}{where}: unknown key; known keys here: {', '.join(known)}")
+        elif text.startswith(f"{err.get('input')!r} "):
+            msgs.append(f"{at([loc], False)}{where}: {text}")
         else:
-            msgs.append(f"{at}{where}: {err.get('input')!r} is invalid: {text}")
+            msgs.append(f"{at([loc], False)}{where}: {err.get('input')!r} is invalid: {text}")
     return "\n".join(msgs)
 
 
@@ -600,26 +855,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
             path, the bad value and the rule.
     """
     tree: dict[str, Any] = {}
-    text, source = "", ""
+    lines: dict[KeyPath, int] = {}
+    source = ""
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        text, source = p.read_text(encoding="utf-8"), str(p)
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of sections")
-        tree = loaded or {}
-    lines = _yaml_lines(text)
-    from_override: dict[tuple[str, ...], str] = {}
+        source = str(p)
+        tree, lines = _read_yaml(p)
+    from_override: dict[KeyPath, str] = {}
     for ov in overrides:
         apply_override(tree, ov)
         from_override[tuple(ov.removeprefix("~").partition("=")[0].split("."))] = ov
     try:
-        cfg = RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree, context={"read_files": True})
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, lines, from_override)) from None
     return cfg

@@ -55,3 +55,29 @@ def test_doctor_without_ray_reports_offline_assets():
 def test_overrides_may_follow_options():
     res = _cli("run", "configs/quickstart.yaml", "--stages", "prepare", "federation.rounds=-1")
     assert res.returncode == 2 and "override 'federation.rounds=-1'" in res.stderr
+
+
+def test_load_time_input_errors_exit_2_one_line_each_and_no_ray(tmp_path):
+    """Errors that used to pass load (or crash in it) stop `run` with exit 2 before Ray starts."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"seed: 1\n\xff\xfe\n")
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text("seed: 1\nfederation:\n  rounds: 2\n  rounds: 3\nseed: 2\n")
+    cases = [
+        ((str(binary),), [f"{binary}:2: not UTF-8 text (byte offset 8"]),
+        ((str(repeated),), [f"{repeated}:4: federation.rounds: duplicate key (first at line 3)",
+                            f"{repeated}:5: seed: duplicate key (first at line 1)"]),
+        (("configs/quickstart.yaml", "federation.compat=openfedllm", "federation.sampling=stratified",
+          "defense.deepspeed=missing.json"),
+         ["override 'federation.compat=openfedllm': federation.compat: 'openfedllm'",
+          "override 'defense.deepspeed=missing.json': defense.deepspeed: 'missing.json' cannot be "
+          "read"]),
+    ]
+    for args, expected in cases:
+        res = _cli("run", *args)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr and res.stdout.strip() == "NO_RAY"
+        lines = res.stderr.strip().removeprefix("ray-fedit: config error: ").splitlines()
+        assert len(lines) == len(expected), lines
+        for line, start in zip(lines, expected, strict=True):
+            assert line.startswith(start), (line, start)
