@@ -420,6 +420,26 @@ def _differences(run: RunData, cols: Sequence[Column]) -> list[str]:
     return out
 
 
+def fallback_notes(rounds: Sequence[Mapping[str, Any]], label: str) -> list[str]:
+    """Say where a federation's rule or attack fell back to something simpler, round by round.
+
+    Reads ``aggregator_info.fallback`` (a rule that became the mean or the zero update) and
+    ``update_attack.applied == false`` (an update attack without enough reference updates, whose
+    attackers sent their trained updates) from the round records.
+    """
+    by_reason: dict[str, list[int]] = {}
+    for r in rounds:
+        reason = _dig(r, ("aggregator_info", "fallback"))
+        if reason:
+            by_reason.setdefault(f"the aggregation rule fell back: {reason}", []).append(r["round"])
+        attack = r.get("update_attack") or {}
+        if attack.get("applied") is False and attack.get("reason"):
+            by_reason.setdefault(f"the update attack was not applied ({attack['reason']}); its "
+                                 "attackers sent their trained updates", []).append(r["round"])
+    return [f"{label}: in {len(rs)} of {len(rounds)} rounds ({', '.join(map(str, rs))}) {why}."
+            for why, rs in by_reason.items()]
+
+
 def write_run_report(root: Path) -> list[Path]:
     """Tables and plots of one run directory into ``<root>/report/``.
 
@@ -433,6 +453,8 @@ def write_run_report(root: Path) -> list[Path]:
     out = root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     notes = list(run.notes)
+    notes += fallback_notes(run.rounds, "FedIT under attack")
+    notes += fallback_notes(run.no_attack_rounds, "FedIT, no attack")
     rows = _run_rows(run)
     cols = metric_columns([m for _, _, m in rows], run.config)
 
@@ -1295,6 +1317,13 @@ def write_sweep_report(sweep_dir: Path, results: list[dict[str, Any]] | None = N
                                                                   strict=True))
                      + (f"; {unnamed} empty results from Tune (failed trials)" if unnamed else "")
                      + ". Resume with `ray-fedit sweep SWEEP_FILE --resume SWEEP_DIR`.")
+    for rec in results:
+        run_dir = Path(rec["run_dir"]) if rec.get("run_dir") else None
+        if run_dir is not None and run_dir.is_dir():
+            trial = f"`{rec.get('trial_key')}` seed {rec.get('seed')}"
+            for sub, label in (("", "attacked"), ("no_attack", "no attack")):
+                rounds = read_rounds(run_dir / sub / "rounds.jsonl", [])
+                notes += fallback_notes(rounds, f"{trial} ({label})")
     if summary is not None and len(summary):
         grid = grid_columns(df)
         metrics = [c for c in df.columns if c not in META and c not in grid]

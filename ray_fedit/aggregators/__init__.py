@@ -12,6 +12,7 @@ See docs/aggregators.md for the list of rules, their parameters and citations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
@@ -36,7 +37,9 @@ from ray_fedit.aggregators.base import (
     AggregatorFn,
     accepted_params,
     check_params,
+    state_params,
 )
+from ray_fedit.errors import AggregationError
 from ray_fedit.registry import AGGREGATORS
 
 __all__ = [
@@ -46,23 +49,33 @@ __all__ = [
     "accepted_params",
     "aggregate",
     "check_params",
+    "state_params",
 ]
 
 
-def aggregate(name: str, updates: Tensor, weights: Tensor, **params: Any) -> AggregationResult:
+def aggregate(name: str, updates: Tensor, weights: Tensor, *,
+              state: Mapping[str, Any] | None = None, **params: Any) -> AggregationResult:
     """Run the aggregator registered as ``name`` after checking its parameters.
 
     Args:
         name: registered rule name, e.g. ``"median"``.
         updates: ``(n, d)`` float32 client deltas.
         weights: ``(n,)`` non-negative client sizes.
-        **params: the rule's keyword parameters.
+        state: the rule's federation state for this round (``center``, ``history``,
+            ``generator``; see :func:`state_params`), passed by the federation driver.
+        **params: the rule's keyword settings.
 
     Raises:
         RegistryError: unknown rule name.
-        AggregationError: bad parameters or inputs (see ``check_params`` and the rule).
+        AggregationError: bad parameters, state the rule does not keep, or bad inputs (see
+            ``check_params`` and the rule).
     """
     # A malformed ``updates`` is reported by the rule's own input check, with its real shape.
     n = updates.shape[0] if isinstance(updates, Tensor) and updates.ndim == 2 else 1
     check_params(name, max(int(n), 1), params)
-    return AGGREGATORS.get(name)(updates, weights, **params)
+    state = dict(state or {})
+    extra = sorted(set(state) - set(state_params(name)))
+    if extra:
+        raise AggregationError(f"aggregator {name!r} keeps no state {extra}; it keeps "
+                               f"{list(state_params(name)) or 'none'}")
+    return AGGREGATORS.get(name)(updates, weights, **params, **state)

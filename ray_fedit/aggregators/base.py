@@ -59,6 +59,7 @@ __all__ = [
     "require_number",
     "sorted_columns",
     "sq_distances_from_gram",
+    "state_params",
     "validate_inputs",
 ]
 
@@ -150,10 +151,21 @@ def accepted_params(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in _keyword_params(AGGREGATORS.get(name)).items()}
 
 
+def state_params(name: str) -> tuple[str, ...]:
+    """The keyword parameters of rule ``name`` that carry federation state, not settings.
+
+    Centered clipping's ``center`` (the previous aggregate), FoolsGold's ``history`` (each client's
+    past updates) and DnC's ``generator`` (a fresh one per round) are kept by the federation, passed
+    every round and checkpointed (``ray_fedit.federation.rule_state``); a config may not set them.
+    """
+    return tuple(AGGREGATORS.meta(name).get("state", ()))
+
+
 def check_params(name: str, n: int, params: Mapping[str, Any]) -> None:
     """Reject aggregator settings that cannot work, before any training starts.
 
-    Checks that every key in ``params`` is a keyword parameter of the registered rule, that every
+    Checks that ``params`` sets no federation state (:func:`state_params`), that every key is a
+    keyword parameter of the registered rule, that every
     required parameter (e.g. ``f``) is given, and the rule's own preconditions for ``n`` clients
     per round (Bulyan ``n >= 4f+3``, Krum ``n >= 2f+3``, trimmed mean ``2*trim < n``, ...). The
     rules run the same precondition checks on the actual ``n`` of each round.
@@ -170,6 +182,12 @@ def check_params(name: str, n: int, params: Mapping[str, Any]) -> None:
     """
     fn = AGGREGATORS.get(name)
     accepted = _keyword_params(fn)
+    runtime = sorted(set(params) & set(state_params(name)))
+    if runtime:
+        raise AggregationError(
+            f"aggregator {name!r}: {runtime} is state the federation keeps and passes each round "
+            "(see docs/aggregators.md), not a setting. Fix: remove it from aggregator.params"
+        )
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise AggregationError(

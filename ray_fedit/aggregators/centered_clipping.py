@@ -3,11 +3,16 @@
 Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization", ICML 2021,
 https://arxiv.org/abs/2012.10333.
 
-Rule: start from ``v_0 = center`` (the previous round's aggregate/momentum; zeros, i.e. "no update",
-by default) and iterate ``iters`` times
+Rule: start from ``v_0 = center`` and iterate ``iters`` times
 ``v_{l+1} = v_l + sum_i p_i (Delta_i - v_l) min(1, tau / ||Delta_i - v_l||)``
 (the paper averages with ``1/n``; client sizes generalise that). With ``tau = inf`` one iteration
 gives the weighted mean.
+
+The center is the previous round's aggregate (the server momentum of Karimireddy et al.): the
+federation keeps it in its state, passes it every round and checkpoints it, so it is runtime state,
+never a config parameter (``aggregator.params.center`` is rejected at load). The first round, and a
+direct call without ``center``, start from zeros ("no update"); from zeros with ``iters=1`` the rule
+is a norm clipping at ``tau``.
 
 Every iterate is an affine combination of the center and the updates, so the iterations run on
 ``n + 1`` coefficients with the float64 Gram matrix of ``[updates; center]`` and the aggregate is
@@ -47,6 +52,7 @@ def _check(n: int, params: dict[str, Any]) -> None:
     robust=True,
     ignores_weights=False,
     reduces_to_mean={"tau": float("inf")},
+    state=("center",),
 )
 def centered_clipping(
     updates: Tensor,

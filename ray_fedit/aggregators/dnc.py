@@ -12,8 +12,10 @@ when ``b >= d``); centre the sampled updates on their mean; take the top right s
 weighted by client size. With ``f = 0`` nobody is removed and the rule is the weighted mean.
 
 Assumptions: attackers' updates deviate along a common direction that dominates the spread;
-``floor(c f) < n``. The coordinate sample comes from ``generator`` if given, else from a generator
-seeded with ``seed``, so a round is reproducible and does not depend on the client order. Score ties
+``floor(c f) < n``. The coordinate sample comes from ``generator``: the federation derives a fresh
+one from ``(run seed, round)`` every round (runtime state, never a config parameter), so every round
+inspects other coordinates, as the reference ``do_dnc`` resamples on every call, and a round is
+reproducible and does not depend on the client order. When ``b < d`` a generator is required. Score ties
 go to the lower client index. ``client_weights`` are the normalised sizes over the kept clients.
 """
 
@@ -60,7 +62,8 @@ def _check(n: int, params: dict[str, Any]) -> None:
 
 
 @AGGREGATORS.register(
-    "dnc", check=_check, robust=True, ignores_weights=False, reduces_to_mean={"f": 0}
+    "dnc", check=_check, robust=True, ignores_weights=False, reduces_to_mean={"f": 0},
+    state=("generator",),
 )
 def dnc(
     updates: Tensor,
@@ -70,7 +73,6 @@ def dnc(
     niters: int = 1,
     c: float = 1.0,
     b: int = 10_000,
-    seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> AggregationResult:
     """DnC over the client updates.
@@ -82,25 +84,30 @@ def dnc(
         niters: independent coordinate samples; a client must survive all of them.
         c: filtering fraction; ``floor(c * f)`` clients are removed per iteration.
         b: coordinates sampled per iteration.
-        seed: seeds the coordinate sampling when ``generator`` is not given.
-        generator: CPU generator for the coordinate sampling (its state advances).
+        generator: CPU generator for the coordinate sampling (its state advances); required
+            when ``b < d``.
 
     Returns:
         The average of the kept clients; ``info`` holds ``selected`` and the last iteration's
         ``outlier_scores``.
 
     Raises:
-        AggregationError: invalid inputs or parameters, or no client kept by every iteration.
+        AggregationError: invalid inputs or parameters, no generator when coordinates must be
+            sampled, or no client kept by every iteration.
     """
     p = validate_inputs(updates, weights)
     n, d = updates.shape
     removed = resolve_removed(n, f, c, niters, b)
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    if b < d and generator is None:
+        raise AggregationError(
+            f"dnc samples b={b} of d={d} coordinates and needs a generator for it; the federation "
+            "passes one per round (a fixed seed would inspect the same coordinates every round)"
+        )
     good = torch.ones(n, dtype=torch.bool)
     scores = torch.zeros(n, dtype=torch.float64)
     for _ in range(niters):
         if b < d:
-            cols = torch.randperm(d, generator=gen)[:b].sort().values
+            cols = torch.randperm(d, generator=generator)[:b].sort().values
             sample = updates.index_select(1, cols).to(torch.float64)
         else:
             sample = updates.to(torch.float64)

@@ -1,8 +1,9 @@
 """FoolsGold: down-weight clients whose updates look too much alike (sybils).
 
 Fung, Yoon, Beschastnikh, "The Limitations of Federated Learning in Sybil Settings", RAID 2020
-(arXiv 1808.04866, 2018), https://arxiv.org/abs/1808.04866. A baseline of the paper (arXiv
-2406.10630; ``--fed_alg foolsgold``, per round, no history).
+(arXiv 1808.04866, 2018), https://arxiv.org/abs/1808.04866. The paper (arXiv
+2406.10630; ``--fed_alg foolsgold``) runs it per round, without history: that variant is
+``foolsgold_stateless``.
 
 Rule, with the standard constants of the FoolsGold reference code:
 
@@ -17,12 +18,15 @@ Rule, with the standard constants of the FoolsGold reference code:
    to the size-weighted mean of ``w`` over kept clients, at most 1.
 
 If every client looks like a sybil of another (``max_j w_j = 0``, e.g. identical updates) all
-weights are 0 and the aggregate is the zero update; ``info["all_sybil"]`` records it. The reference
-code would divide by zero there.
+weights are 0 and the aggregate is the zero update; ``info["all_sybil"]`` records it and
+``info["fallback"]`` says so. The reference code would divide by zero there.
 
-``history``: the original FoolsGold compares clients' *accumulated* updates. Pass the clients'
-summed past updates as ``history`` (``(n, d)``) and similarities are computed on
-``history + updates``; without it the rule is stateless per round, like the paper's code.
+``history``: FoolsGold (Fung et al., Algorithm 1) compares clients' *accumulated* updates. The
+federation keeps each client's sum of the updates it sent in earlier rounds (runtime state in the
+federation state and its checkpoints, ``O(registered clients x d)`` memory, only for this rule) and
+passes the sampled clients' rows as ``history`` (``(n, d)``); similarities are computed on
+``history + updates``. ``foolsgold_stateless`` is the paper code's per-round variant: the same
+function without history.
 
 Assumptions: colluding attackers (sybils) send similar updates while honest clients differ. By
 design it penalises a tight honest cluster and trusts isolated outliers, so the contract battery
@@ -70,16 +74,13 @@ def foolsgold_weights(cos: Tensor, kappa: float = 1.0) -> Tensor:
     return torch.nan_to_num(logit, neginf=0.0).clamp(0.0, 1.0)
 
 
-@AGGREGATORS.register(
-    "foolsgold",
-    check=_check,
-    robust=True,
-    ignores_weights=False,
-    reduces_to_mean=None,
-    # Identical updates are perfect sybils (all weights 0), and a tight honest cluster is
-    # down-weighted while an isolated outlier is trusted: both by design.
-    exempt=("fixed_point", "outlier_minority"),
-)
+# Identical updates are perfect sybils (all weights 0), and a tight honest cluster is down-weighted
+# while an isolated outlier is trusted: both by design, so both variants are exempt from those checks.
+_META: dict[str, Any] = {"check": _check, "robust": True, "ignores_weights": False,
+                         "reduces_to_mean": None, "exempt": ("fixed_point", "outlier_minority")}
+
+
+@AGGREGATORS.register("foolsgold", **_META, state=("history",))
 def foolsgold(
     updates: Tensor,
     weights: Tensor,
@@ -124,5 +125,18 @@ def foolsgold(
                 "weight 0; give every client a positive weight (its example count)"
             )
         coeffs = (wv * p.to(torch.float64) / kept_size).to(torch.float32)
-    info = {"wv": wv.tolist(), "all_sybil": not bool(kept.any())}
+    info: dict[str, Any] = {"wv": wv.tolist(), "all_sybil": not bool(kept.any())}
+    if info["all_sybil"]:
+        info["fallback"] = ("foolsgold: every client looks like a sybil of another (all weights 0), "
+                            "so the round's aggregate is the zero update")
     return AggregationResult(combine(updates, coeffs), coeffs, info)
+
+
+@AGGREGATORS.register("foolsgold_stateless", **_META)
+def foolsgold_stateless(updates: Tensor, weights: Tensor, *, kappa: float = 1.0
+                        ) -> AggregationResult:
+    """FoolsGold on this round's updates alone, as the paper's code runs it (no history).
+
+    Args and returns as :func:`foolsgold`.
+    """
+    return foolsgold(updates, weights, kappa=kappa)

@@ -96,4 +96,8 @@ def trimmed_mean(
     n, d = updates.shape
     t = resolve_trim(n, trim, trim_fraction)
     out, credit = coordinatewise(updates, lambda x: rank_window_mean(x, x, t + 1, n - t))
-    return AggregationResult(out, (credit / d).to(torch.float32), {"trim": t})
+    info: dict[str, Any] = {"trim": t}
+    if t == 0:
+        info["fallback"] = (f"trimmed_mean: the trim floors to 0 with n={n} clients "
+                            f"(trim_fraction={trim_fraction}), so nothing is cut: the plain mean")
+    return AggregationResult(out, (credit / d).to(torch.float32), info)

@@ -12,9 +12,19 @@ from __future__ import annotations
 
 # --- update-space attacks -------------------------------------------------------------------------
 from ray_fedit.attacks import update  # noqa: F401  (registers the update-space attacks)
-from ray_fedit.attacks.update import apply_update_attack, check_update_attack_params
+from ray_fedit.attacks.update import (
+    InsufficientReference,
+    apply_update_attack,
+    check_update_attack_feasible,
+    check_update_attack_params,
+)
 
 # --- data-space attacks ---------------------------------------------------------------------------
 # (registered by ray_fedit.attacks.data; import it here once that module exists)
 
-__all__ = ["apply_update_attack", "check_update_attack_params"]
+__all__ = [
+    "InsufficientReference",
+    "apply_update_attack",
+    "check_update_attack_feasible",
+    "check_update_attack_params",
+]

@@ -5,7 +5,8 @@ Layout under the run directory::
     checkpoints/round_0004/            after 4 completed rounds
       adapter_config.json              the global adapter in PEFT format (PeftModel.from_pretrained)
       adapter_model.safetensors
-      server_state.safetensors         server optimizer arrays (m, v) and SCAFFOLD's control c
+      server_state.safetensors         server optimizer arrays (m, v), SCAFFOLD's control c and
+                                       the aggregation rule's state (rule.center, rule.history.*)
       state.json                       rounds done, config hash, codec layout + fingerprint, RNG
                                        scheme, client-state index, metrics so far, file hashes,
                                        and a content hash over all of it
@@ -43,6 +44,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from ray_fedit.config import LoraConfig
 from ray_fedit.errors import CheckpointError
+from ray_fedit.federation.rule_state import RuleState
 from ray_fedit.federation.server_opt import ServerOptState
 from ray_fedit.federation.state import FederationState
 from ray_fedit.models.codec import AdapterCodec
@@ -138,6 +140,7 @@ def save_checkpoint(
         arrays = {f"server.{k}": np.ascontiguousarray(v) for k, v in state.server.arrays.items()}
         if state.control is not None:
             arrays["control"] = np.ascontiguousarray(state.control)
+        arrays.update(state.rule.to_arrays())
         save_numpy(arrays, str(tmp / SERVER_FILE))
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         body: dict[str, Any] = {
@@ -232,6 +235,7 @@ def load_checkpoint(path: Path, body: Mapping[str, Any], codec: AdapterCodec) ->
         control=arrays.get("control"),
         client_state={int(c): dict(e) for c, e in body["client_state"].items()},
         metrics=list(body["metrics"]),
+        rule=RuleState.from_arrays(arrays),
     )
 
 

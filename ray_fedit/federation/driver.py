@@ -4,12 +4,12 @@ One round (``FederationDriver._round``), top to bottom::
 
     sample clients -> put the global adapter in the object store once -> dispatch client tasks to
     the trainer workers -> collect their updates -> validate -> update-space attack (malicious rows)
-    -> aggregate (registered rule) -> server optimizer step -> evaluate (every eval_every rounds)
-    -> checkpoint -> log
+    -> aggregate (registered rule, with its state) -> server optimizer step -> evaluate (every
+    eval_every rounds) -> checkpoint -> log
 
 The maths lives in Ray-free modules (``sampling``, ``sft``, ``server_opt``, ``updates``,
-``checkpoint``); the dispatch, retries and timeouts in ``pool``. :func:`run_federation` is the entry
-point the pipeline and the CLI call.
+``rule_state``, ``checkpoint``); the dispatch, retries and timeouts in ``pool``.
+:func:`run_federation` is the entry point the pipeline and the CLI call.
 
 Outputs in the run directory: ``rounds.jsonl`` (one JSON line per round),
 ``checkpoints/round_XXXX/`` (every ``checkpoint_every`` rounds), ``checkpoints/final/`` (the final
@@ -33,10 +33,11 @@ import numpy as np
 import ray
 import torch
 
-from ray_fedit.aggregators import aggregate
+from ray_fedit.aggregators import AGGREGATORS, AggregationResult, aggregate
 from ray_fedit.config import RunConfig
 from ray_fedit.errors import CheckpointError, ClientFailure, ConfigError
 from ray_fedit.federation import checkpoint as ckpt
+from ray_fedit.federation import rule_state
 from ray_fedit.federation.pool import WorkerPool
 from ray_fedit.federation.sampling import NO_CLIENT, derive_seed, sample_clients
 from ray_fedit.federation.server_opt import ServerOptConfig, init_state, server_step
@@ -46,6 +47,7 @@ from ray_fedit.federation.updates import (
     aggregation_weights,
     client_metrics,
     jsonable,
+    scaffold_control,
     validate_update,
 )
 from ray_fedit.resources import driver_options
@@ -70,7 +72,7 @@ def _progress_logger() -> None:
 
 def server_opt_config(cfg: RunConfig) -> ServerOptConfig:
     fed = cfg.federation
-    return ServerOptConfig(name=fed.server_optimizer, lr=fed.server_lr,
+    return ServerOptConfig(name=fed.server_optimizer, lr=fed.resolved_server_lr,
                            momentum=fed.server_momentum, beta1=fed.server_beta1,
                            beta2=fed.server_beta2, tau=fed.server_tau)
 
@@ -92,10 +94,13 @@ class FederationDriver:
             ``federation.eval_every`` rounds inside this actor, or None.
         resume: continue from the latest checkpoint in the run directory.
         stop_after: stop (with a checkpoint) once this many rounds are done; resume to continue.
+        sampling_strata: the ids stratified sampling treats as malicious (default: the malicious
+            clients); the paired no-attack federation passes the attacked run's.
     """
 
     def __init__(self, cfg: RunConfig, run_root: str, clients: list[ClientSpec],
-                 eval_hook: EvalHook | None, resume: bool, stop_after: int | None) -> None:
+                 eval_hook: EvalHook | None, resume: bool, stop_after: int | None,
+                 sampling_strata: list[int] | None = None) -> None:
         _progress_logger()
         # Aggregation and server maths on one thread: same bits on every machine.
         torch.set_num_threads(1)
@@ -103,6 +108,10 @@ class FederationDriver:
         self.run_dir = RunDir(Path(run_root))
         self.clients = {c.client_id: c for c in clients}
         self.malicious_ids = sorted(c.client_id for c in clients if c.is_malicious)
+        self.sampling_strata = (self.malicious_ids if sampling_strata is None
+                                else sorted(sampling_strata))
+        self._warned: set[str] = set()
+        self._plain_mean: str | None = None
         self.eval_hook = eval_hook
         self.resume = resume
         self.stop_after = stop_after
@@ -137,6 +146,7 @@ class FederationDriver:
             self.pool.wait_ready()
             self.codec = self.pool.codec
             self.state, resumed_from = self._initial_state()
+            self._warn_if_plain_mean()
             for rnd in range(self.state.rounds_done, fed.rounds):
                 self._round(rnd)
                 if self.stop_after is not None and self.state.rounds_done >= self.stop_after:
@@ -161,7 +171,7 @@ class FederationDriver:
         # --- sample clients; this round's learning rate -----------------------------------------
         sampled = sample_clients(seed=self.cfg.seed, round_index=rnd, num_clients=fed.num_clients,
                                  clients_per_round=fed.clients_per_round,
-                                 mode=sampling_mode(self.cfg), malicious_ids=self.malicious_ids)
+                                 mode=sampling_mode(self.cfg), malicious_ids=self.sampling_strata)
         lr = cosine_learning_rate(rnd, fed.rounds, fed.lr, fed.lr_min)
         # --- the global adapter goes to the object store once; tasks go to the workers ----------
         global_ref = ray.put(self.state.global_vector)
@@ -179,18 +189,18 @@ class FederationDriver:
         ids = sorted(accepted)
         deltas = torch.from_numpy(np.stack([accepted[c].delta for c in ids]))
         # --- update-space attack on the malicious rows ------------------------------------------
-        deltas = self._attack(rnd, ids, deltas)
-        # --- aggregate with the configured rule -------------------------------------------------
+        deltas, attack_note = self._attack(rnd, ids, deltas)
+        # --- aggregate with the configured rule and its state (center, history, generator) ------
         weights = torch.from_numpy(aggregation_weights([accepted[c] for c in ids],
                                                        sampling_mode(self.cfg)))
-        agg = aggregate(self.cfg.aggregator.name, deltas, weights, **self.cfg.aggregator_params())
+        agg = self._aggregate(rnd, ids, deltas, weights)
         # --- server optimizer step (and SCAFFOLD's control update) ------------------------------
-        self._server_step(rnd, ids, accepted, old_states, agg.aggregate.numpy())
+        self._server_step(rnd, ids, accepted, old_states, agg)
         # --- evaluate every eval_every rounds ---------------------------------------------------
         evaluation = self._evaluate(rnd + 1)
         # --- checkpoint, then log ---------------------------------------------------------------
         record = self._record(rnd, lr, sampled, ids, accepted, rejected, outcome, deltas, weights,
-                              agg, evaluation, time.perf_counter() - t0)
+                              agg, attack_note, evaluation, time.perf_counter() - t0)
         self.state.metrics.append(record)
         self._maybe_checkpoint()
         self._log(record)
@@ -274,27 +284,69 @@ class FederationDriver:
                 f"update (rejected: {dict(rejected)}, failed: {sorted(failures)}), below "
                 f"federation.min_quorum={quorum}; lower min_quorum or fix the failing clients")
 
-    def _attack(self, rnd: int, ids: Sequence[int], deltas: torch.Tensor) -> torch.Tensor:
+    def _attack(self, rnd: int, ids: Sequence[int], deltas: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, Any] | None]:
         attack = self.cfg.attack.update
         if attack.name == "none":
-            return deltas
-        from ray_fedit.attacks import apply_update_attack
+            return deltas, None
+        from ray_fedit.attacks import InsufficientReference, apply_update_attack
 
         mask = torch.tensor([self.clients[c].is_malicious for c in ids], dtype=torch.bool)
         generator = torch.Generator().manual_seed(
             derive_seed(self.cfg.seed, rnd, NO_CLIENT, "update_attack"))
-        return apply_update_attack(attack.name, deltas, mask, generator, **attack.params)
+        try:
+            out = apply_update_attack(attack.name, deltas, mask, generator, **attack.params)
+        except InsufficientReference as e:
+            if attack.on_too_few_references == "raise":
+                raise ConfigError(f"round {rnd + 1}: {e} (attack.update.on_too_few_references="
+                                  "raise)") from None
+            # The attackers send the update they trained on their poisoned data, unchanged.
+            self._warn_once(f"attack:{attack.name}", "round %d: %s; the malicious clients send "
+                            "their trained updates unchanged in such rounds (logged in "
+                            "rounds.jsonl as update_attack.applied=false)", rnd + 1, e)
+            return deltas, {"name": attack.name, "applied": False, "reason": str(e)}
+        return out, {"name": attack.name, "applied": bool(mask.any())}
+
+    def _aggregate(self, rnd: int, ids: Sequence[int], deltas: torch.Tensor,
+                   weights: torch.Tensor) -> AggregationResult:
+        name = self.cfg.aggregator.name
+        state = rule_state.round_state(name, self.state.rule, client_ids=ids, dim=self.codec.dim,
+                                       seed=self.cfg.seed, round_index=rnd)
+        agg = aggregate(name, deltas, weights, state=state, **self.cfg.aggregator_params())
+        rule_state.advance(name, self.state.rule, client_ids=ids, updates=deltas,
+                           aggregate=agg.aggregate)
+        if self._plain_mean is not None:
+            agg.info.setdefault("fallback", self._plain_mean)
+        fallback = agg.info.get("fallback")
+        if fallback:
+            self._warn_once(f"fallback:{fallback}", "round %d: %s (recorded as "
+                            "aggregator_info.fallback in rounds.jsonl; said once per run)",
+                            rnd + 1, fallback)
+        return agg
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def _warn_if_plain_mean(self) -> None:
+        """Say it once, and in every round's record, when the settings make the rule the mean."""
+        name, params = self.cfg.aggregator.name, self.cfg.aggregator_params()
+        same = AGGREGATORS.meta(name).get("reduces_to_mean") or {}
+        self._plain_mean = None
+        if same and all(params.get(k) == v for k, v in same.items()):
+            self._plain_mean = f"{name} with {same} is the weighted mean (FedAvg) in every round"
 
     def _server_step(self, rnd: int, ids: Sequence[int], accepted: Mapping[int, Any],
-                     old_states: Mapping[int, np.ndarray], aggregate_delta: np.ndarray) -> None:
+                     old_states: Mapping[int, np.ndarray], agg: AggregationResult) -> None:
         state = self.state
         state.global_vector, state.server = server_step(self.opt, state.server,
-                                                        state.global_vector, aggregate_delta)
+                                                        state.global_vector,
+                                                        agg.aggregate.numpy())
         if self._scaffold:
-            # SCAFFOLD server control: c += (|S| / N) * mean_i (c_i+ - c_i) over accepted clients.
-            dc = np.mean(np.stack([accepted[c].state - old_states[c] for c in ids]), axis=0)
-            share = np.float32(len(ids) / self.cfg.federation.num_clients)
-            state.control = (state.control + share * dc).astype(np.float32)
+            state.control = scaffold_control(
+                state.control, [accepted[c].state - old_states[c] for c in ids],
+                agg.client_weights.numpy(), sampled_share=len(ids) / self.cfg.federation.num_clients)
             for c in ids:
                 state.client_state[c] = self.store.save(c, rnd, accepted[c].state)
         state.rounds_done = rnd + 1
@@ -324,7 +376,8 @@ class FederationDriver:
     def _record(self, rnd: int, lr: float, sampled: Sequence[int], ids: Sequence[int],
                 accepted: Mapping[int, Any], rejected: Mapping[int, str], outcome: Any,
                 deltas: torch.Tensor, weights: torch.Tensor, agg: Any,
-                evaluation: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
+                attack_note: Mapping[str, Any] | None, evaluation: Mapping[str, Any] | None,
+                seconds: float) -> dict[str, Any]:
         norms, cosines = client_metrics(deltas.numpy(), agg.aggregate.numpy())
         clients = []
         for i, c in enumerate(ids):
@@ -346,7 +399,8 @@ class FederationDriver:
             "retries": outcome.retries, "assignment": outcome.assignment,
             "mean_loss": float(np.mean(losses)) if losses else None,
             "aggregate_norm": float(np.linalg.norm(agg.aggregate.numpy().astype(np.float64))),
-            "aggregator_info": agg.info, "clients": clients, "eval": evaluation,
+            "aggregator_info": agg.info, "update_attack": attack_note, "clients": clients,
+            "eval": evaluation,
             "bytes": int(sum(x["bytes"] for x in clients)), "seconds": seconds,
         })
 
@@ -423,6 +477,7 @@ def start_federation(
     resume: bool = False,
     *,
     stop_after: int | None = None,
+    sampling_strata: Sequence[int] | None = None,
 ) -> tuple[Any, ray.ObjectRef]:
     """Start the driver actor and its ``run()``; return ``(driver handle, result ref)``.
 
@@ -439,7 +494,8 @@ def start_federation(
     # The driver mostly waits on workers: it reserves no CPU, so the cluster (or a Tune trial's
     # bundles) needs room for the workers only, and a 2-core laptop runs 2 single-CPU workers.
     driver = FederationDriver.options(**driver_options(DRIVER_CPUS)).remote(
-        cfg, str(run.root), put, eval_hook, resume, stop_after)
+        cfg, str(run.root), put, eval_hook, resume, stop_after,
+        None if sampling_strata is None else list(sampling_strata))
     return driver, driver.run.remote()
 
 
@@ -451,6 +507,7 @@ def run_federation(
     resume: bool = False,
     *,
     stop_after: int | None = None,
+    sampling_strata: Sequence[int] | None = None,
 ) -> FederationResult:
     """Run FedIT for ``cfg.federation.rounds`` rounds on Ray and return the result.
 
@@ -467,6 +524,9 @@ def run_federation(
         resume: continue from the latest checkpoint (from scratch when there is none).
         stop_after: stop once this many rounds are done, writing a checkpoint (e.g. a preemptible
             time slice); ``resume=True`` continues it.
+        sampling_strata: the ids that ``sampling: stratified`` treats as malicious; default the
+            clients marked malicious. The paired no-attack federation passes the attacked run's
+            malicious ids, so both federations sample the same clients in every round.
 
     Returns:
         The :class:`FederationResult`.
@@ -479,7 +539,7 @@ def run_federation(
         AggregationError: if the aggregation rule's preconditions fail.
     """
     driver, result = start_federation(cfg, run_dir, clients, eval_hook, resume,
-                                      stop_after=stop_after)
+                                      stop_after=stop_after, sampling_strata=sampling_strata)
     try:
         return ray.get(result)
     finally:

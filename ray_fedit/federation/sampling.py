@@ -98,12 +98,34 @@ def sample_clients(
         return sorted(int(c) for c in picks)
     malicious = sorted(set(malicious_ids))
     benign = [c for c in range(num_clients) if c not in set(malicious)]
-    share = len(malicious) / num_clients
-    k_mal = min(round_half_up(clients_per_round * share), len(malicious))
-    k_mal = max(k_mal, clients_per_round - len(benign))  # too few benign clients to fill the rest
+    k_mal = stratified_malicious_count(num_clients, clients_per_round, len(malicious))
     picked = list(rng.choice(malicious, size=k_mal, replace=False)) if k_mal else []
     picked += list(rng.choice(benign, size=clients_per_round - k_mal, replace=False))
     return sorted(int(c) for c in picked)
+
+
+def stratified_malicious_count(num_clients: int, clients_per_round: int, num_malicious: int) -> int:
+    """Malicious clients in every round under ``stratified`` sampling.
+
+    ``round_half_up(clients_per_round * num_malicious / num_clients)``, capped by the malicious
+    clients there are, and raised when there are too few benign clients to fill the rest.
+    """
+    k = min(round_half_up(clients_per_round * num_malicious / num_clients), num_malicious)
+    return max(k, clients_per_round - (num_clients - num_malicious))
+
+
+def malicious_per_round(mode: SamplingMode, num_clients: int, clients_per_round: int,
+                        num_malicious: int) -> tuple[int, int]:
+    """The fewest and the most malicious clients one round can sample under ``mode``.
+
+    Used at config load to decide whether an update attack can ever find its reference updates.
+    """
+    cpr = min(clients_per_round, num_clients)
+    if mode == "stratified" or cpr == num_clients:
+        k = num_malicious if cpr == num_clients else stratified_malicious_count(
+            num_clients, cpr, num_malicious)
+        return k, k
+    return max(0, cpr - (num_clients - num_malicious)), min(cpr, num_malicious)
 
 
 def openfedllm_subsample(num_examples: int, num_needed: int, round_index: int) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ray_fedit.federation.rule_state import RuleState
 from ray_fedit.federation.server_opt import ServerOptState
 from ray_fedit.models.codec import AdapterCodec
 
@@ -79,6 +80,7 @@ class FederationState:
         control: SCAFFOLD's server control variate ``c`` (None for other algorithms).
         client_state: client id -> ``{"round": r, "sha256": h}`` of its latest state file.
         metrics: the per-round records so far (the lines of rounds.jsonl).
+        rule: the aggregation rule's state (centered clipping's center, FoolsGold's history).
     """
 
     rounds_done: int
@@ -87,6 +89,7 @@ class FederationState:
     control: np.ndarray | None = None
     client_state: dict[int, dict[str, Any]] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    rule: RuleState = field(default_factory=RuleState)
 
 
 @dataclass

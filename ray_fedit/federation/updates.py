@@ -74,6 +74,33 @@ def aggregation_weights(updates: Sequence[ClientUpdate], mode: str) -> np.ndarra
     return np.array([u.n_examples for u in updates], dtype=np.float32)
 
 
+def scaffold_control(control: np.ndarray, control_deltas: Sequence[np.ndarray],
+                     client_weights: np.ndarray, *, sampled_share: float) -> np.ndarray:
+    """SCAFFOLD's server control after a round: ``c + (|S| / N) * sum_i a_i (c_i+ - c_i)``.
+
+    Karimireddy et al. (2020) average the clients' control deltas with equal weights; here ``a`` is
+    the aggregation rule's own trust in each client (``AggregationResult.client_weights``,
+    normalised to sum to 1), so a client that Krum, DnC or FoolsGold leaves out cannot move the
+    server control either, and with the mean the rule is the paper's. When the rule trusts nobody
+    (all weights 0) the control stays as it is.
+
+    Args:
+        control: the server control ``c``, fp32 ``(d,)``.
+        control_deltas: ``c_i+ - c_i`` of the aggregated clients, in the rule's row order.
+        client_weights: the rule's ``(n,)`` client weights.
+        sampled_share: ``|S| / N``, the aggregated clients over all registered clients.
+
+    Returns:
+        The new fp32 control.
+    """
+    a = np.asarray(client_weights, dtype=np.float64)
+    total = float(a.sum())
+    if total <= 0.0:
+        return control.copy()
+    dc = np.tensordot(a / total, np.stack(control_deltas).astype(np.float64), axes=1)
+    return (control + np.float32(sampled_share) * dc.astype(np.float32)).astype(np.float32)
+
+
 def client_metrics(deltas: np.ndarray, aggregate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """L2 norm of each delta and its cosine to the aggregate (0 where a norm is 0), in float64."""
     d = deltas.astype(np.float64)

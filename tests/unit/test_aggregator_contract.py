@@ -14,6 +14,7 @@ as metadata:
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -31,8 +32,9 @@ BATTERY_PARAMS: dict[str, dict] = {
     "krum": {"f": F},
     "multi_krum": {"f": F},
     "bulyan": {"f": F},
-    "dnc": {"f": F, "seed": 0},
+    "dnc": {"f": F},
     "foolsgold": {},
+    "foolsgold_stateless": {},
     "residual": {},
     "norm_clip": {"max_norm": 2.5},
     "geometric_median": {},
@@ -48,6 +50,15 @@ def run(name: str, updates: torch.Tensor, weights: torch.Tensor, **override) -> 
     params = {**BATTERY_PARAMS[name], **override}
     check_params(name, updates.shape[0], params)
     return AGGREGATORS.get(name)(updates, weights, **params)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_declared_state_is_made_of_keyword_parameters(name):
+    """What a rule declares as federation state must be keyword parameters with a default."""
+    params = inspect.signature(AGGREGATORS.get(name)).parameters
+    for key in AGGREGATORS.meta(name).get("state", ()):
+        assert params[key].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[key].default is None
 
 
 def applies(name: str, check: str) -> bool:

@@ -207,14 +207,31 @@ def test_dnc_removes_the_client_furthest_along_the_top_direction():
     assert res.info["outlier_scores"] == pytest.approx([6.25, 2.25, 12.25, 56.25])
 
 
-def test_dnc_subsampling_is_reproducible_from_seed_or_generator():
-    """b < d: the coordinates come from the seed; a generator with that seed gives the same."""
+def test_dnc_subsampling_is_reproducible_from_its_generator():
+    """b < d: the coordinates come from the generator; the same seed gives the same result."""
     u = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     u[5] += 30.0
-    by_seed = aggregate("dnc", u, ones(6), f=1, b=7, seed=3)
-    by_gen = aggregate("dnc", u, ones(6), f=1, b=7, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(by_seed.aggregate, by_gen.aggregate)
-    assert by_seed.info["selected"] == [0, 1, 2, 3, 4]
+    a = aggregate("dnc", u, ones(6), f=1, b=7, state={"generator": torch.Generator().manual_seed(3)})
+    b = aggregate("dnc", u, ones(6), f=1, b=7, state={"generator": torch.Generator().manual_seed(3)})
+    assert torch.equal(a.aggregate, b.aggregate)
+    assert a.info["selected"] == [0, 1, 2, 3, 4]
+
+
+def test_dnc_without_a_generator_refuses_to_sample_coordinates():
+    """A fixed fallback seed would inspect the same coordinates every round: an error instead."""
+    u = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AggregationError, match="needs a generator"):
+        aggregate("dnc", u, ones(6), f=1, b=7)
+    assert aggregate("dnc", u, ones(6), f=1, b=50).info["selected"]  # b >= d: nothing to sample
+
+
+@pytest.mark.parametrize("name,param", [("centered_clipping", "center"), ("foolsgold", "history"),
+                                        ("dnc", "generator")])
+def test_rule_state_is_not_a_setting(name, param):
+    """The federation keeps these; a YAML value would silently replace the state (or crash)."""
+    params = {"centered_clipping": {"tau": 1.0}, "dnc": {"f": 1}}.get(name, {})
+    with pytest.raises(AggregationError, match=f"'{param}'.*state the federation keeps"):
+        check_params(name, 5, {**params, param: 0})
 
 
 def test_dnc_raises_when_niters_intersect_to_nobody():
@@ -225,7 +242,8 @@ def test_dnc_raises_when_niters_intersect_to_nobody():
     u = torch.randn(2, 200, generator=torch.Generator().manual_seed(1))
     for seed in range(20):
         try:
-            res = aggregate("dnc", u, ones(2), f=1, b=1, niters=5, seed=seed)
+            res = aggregate("dnc", u, ones(2), f=1, b=1, niters=5,
+                            state={"generator": torch.Generator().manual_seed(seed)})
         except AggregationError as err:
             assert "no client survived" in str(err)
             return
@@ -302,7 +320,7 @@ def test_foolsgold_history_drives_the_similarity():
     u = t([[1, 0], [0, 1], [-1, 0]])
     assert_result(aggregate("foolsgold", u, ones(3)), [0.0, 1 / 3], [1 / 3, 1 / 3, 1 / 3])
     hist = t([[10, 10], [10, 10], [0, 0]])
-    assert_result(aggregate("foolsgold", u, ones(3), history=hist), [-1.0, 0.0], [0.0, 0.0, 1.0])
+    assert_result(aggregate("foolsgold", u, ones(3), state={"history": hist}), [-1.0, 0.0], [0.0, 0.0, 1.0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,7 +433,8 @@ def test_centered_clipping_around_a_center():
     """center (1,1), tau 1: differences (3,4), (0.3,0.4), (0,-2) -> clipped (0.6,0.8), (0.3,0.4),
     (0,-1); mean step (0.3, 0.0667) -> (1.3, 1.0667)."""
     u = t([[4, 5], [1.3, 1.4], [1, -1]])
-    res = aggregate("centered_clipping", u, ones(3), tau=1.0, center=torch.tensor([1.0, 1.0]))
+    res = aggregate("centered_clipping", u, ones(3), tau=1.0,
+                    state={"center": torch.tensor([1.0, 1.0])})
     torch.testing.assert_close(res.aggregate, torch.tensor([1.3, 1 + 0.2 / 3]), atol=1e-5, rtol=0)
 
 
@@ -471,7 +490,7 @@ def test_check_params_rejects_impossible_settings(name, n, params, needles):
         ("krum", 3, {"f": 1, "average_neighbourhood": True}),  # the paper's setting
         ("multi_krum", 5, {"f": 1, "m": 4}),
         ("trimmed_mean", 3, {}),
-        ("dnc", 3, {"f": 1, "seed": 4}),
+        ("dnc", 3, {"f": 1, "b": 4}),
         ("mean", 1, {}),
     ],
 )
@@ -621,3 +640,11 @@ def test_coordinate_wise_rules_do_not_depend_on_chunking(monkeypatch, name):
     chunked = aggregate(name, u, ones(7), **params)
     assert torch.equal(whole.aggregate, chunked.aggregate)
     torch.testing.assert_close(whole.client_weights, chunked.client_weights)
+
+
+def test_trimmed_mean_says_when_its_trim_floors_to_zero():
+    """trim_fraction 0.2 of n=4 floors to 0: nothing is cut, the plain mean, said in info."""
+    u = torch.tensor([[0.0], [1.0], [2.0], [9.0]])
+    res = aggregate("trimmed_mean", u, ones(4), trim_fraction=0.2)
+    assert res.aggregate.tolist() == [3.0] and "floors to 0" in res.info["fallback"]
+    assert "fallback" not in aggregate("trimmed_mean", u, ones(4), trim=1).info

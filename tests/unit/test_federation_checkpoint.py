@@ -11,6 +11,7 @@ import torch
 from ray_fedit.config import LoraConfig
 from ray_fedit.errors import CheckpointError
 from ray_fedit.federation import checkpoint as ckpt
+from ray_fedit.federation.rule_state import RuleState
 from ray_fedit.federation.server_opt import ServerOptState
 from ray_fedit.federation.state import FederationState
 from ray_fedit.models.codec import AdapterCodec
@@ -41,6 +42,8 @@ def _state(codec, rounds_done=2):
         control=np.arange(codec.dim, dtype=np.float32),
         client_state={3: {"round": 1, "sha256": "ab"}},
         metrics=[{"round": 1, "mean_loss": 2.5}, {"round": 2, "mean_loss": None}],
+        rule=RuleState(center=rng.standard_normal(codec.dim).astype(np.float32),
+                       history={4: rng.standard_normal(codec.dim).astype(np.float32)}),
     )
 
 
@@ -78,6 +81,10 @@ def test_round_trip_is_exact(tmp_path, codec, save):
     assert loaded.client_state == {3: {"round": 1, "sha256": "ab"}}
     assert loaded.metrics == state.metrics
     assert body["rng"]["seed"] == 0
+    # The aggregation rule's state (centered clipping's center, FoolsGold's history) resumes too.
+    np.testing.assert_array_equal(loaded.rule.center, state.rule.center)
+    assert sorted(loaded.rule.history) == [4]
+    np.testing.assert_array_equal(loaded.rule.history[4], state.rule.history[4])
     # the adapter is a PEFT directory
     assert json.loads((path / "adapter_config.json").read_text())["r"] == 2
 

@@ -234,3 +234,16 @@ def test_pure_modules_import_without_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ClientSpec"
+
+
+@pytest.mark.parametrize("optimizer,lr", [("none", 1.0), ("fedavgm", 1.0), ("fedadagrad", 1e-3),
+                                          ("fedadam", 1e-3), ("fedyogi", 1e-3)])
+def test_server_lr_defaults_per_optimizer(optimizer, lr):
+    """An adaptive step of size 1.0 would be ~1/tau = 1000x a FedAvg step: OpenFedLLM's 1e-3."""
+    from ray_fedit.config import load_config
+
+    cfg = load_config(None, [f"federation.server_optimizer={optimizer}"])
+    assert cfg.federation.server_lr is None and cfg.federation.resolved_server_lr == lr
+    explicit = load_config(None, [f"federation.server_optimizer={optimizer}",
+                                  "federation.server_lr=0.5"])
+    assert explicit.federation.resolved_server_lr == 0.5

@@ -488,3 +488,21 @@ def test_report_runs_without_ray(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "report" / "loss.png").is_file()
     assert "| FedAvg | 25.0 n=1 | - |" in (sweep / "report" / "sweep_summary.md").read_text()
+
+
+def test_fallback_notes_name_the_rounds_and_reasons():
+    """Round 2 of 3: the rule fell back; rounds 1 and 3: the update attack was not applied."""
+    from ray_fedit.report import fallback_notes
+
+    rounds = [{"round": 1, "update_attack": {"applied": False, "reason": "too few"}},
+              {"round": 2, "aggregator_info": {"fallback": "trim floors to 0"},
+               "update_attack": {"applied": True}},
+              {"round": 3, "update_attack": {"applied": False, "reason": "too few"}}]
+    notes = fallback_notes(rounds, "FedIT under attack")
+    assert notes == [
+        "FedIT under attack: in 2 of 3 rounds (1, 3) the update attack was not applied (too few); "
+        "its attackers sent their trained updates.",
+        "FedIT under attack: in 1 of 3 rounds (2) the aggregation rule fell back: trim floors to "
+        "0.",
+    ]
+    assert fallback_notes([{"round": 1, "aggregator_info": {}}], "x") == []

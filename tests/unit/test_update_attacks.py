@@ -172,3 +172,51 @@ def test_data_attacks_are_not_applied_to_deltas(monkeypatch):
     monkeypatch.setitem(ATTACKS._meta, "fake_data_attack", {"kind": "data"})
     with pytest.raises(ConfigError, match="is a 'data' attack"):
         apply_update_attack("fake_data_attack", DELTAS, MASK, gen())
+
+
+# --- too few reference updates: a per-round policy, and a load-time check ------------------------
+@pytest.mark.parametrize("name,need", [("alie", 2), ("ipm", 1), ("min_max", 2), ("min_sum", 2)])
+def test_too_few_reference_updates_raise_the_per_round_error(name, need):
+    """One benign client (ALIE, min-max, min-sum need 2) or none (IPM needs 1)."""
+    from ray_fedit.attacks import InsufficientReference
+
+    benign = need - 1
+    deltas = torch.randn(benign + 2, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([False] * benign + [True, True])
+    with pytest.raises(InsufficientReference, match="reference updates|selects no client"):
+        apply_update_attack(name, deltas, mask, torch.Generator().manual_seed(0))
+
+
+def _load(*overrides):
+    from ray_fedit.config import load_config
+
+    return load_config(None, ["model.name=tiny-random-llama", "federation.num_clients=10",
+                              "attack.malicious_fraction=0.3", *overrides])
+
+
+def test_an_attack_that_can_never_find_its_references_fails_at_load():
+    """Stratified, 3 per round, 30% malicious: every round has 1 attacker and 2 benign clients.
+    ALIE with knowledge=malicious has 1 reference (needs 2) in every round: refused at load."""
+    with pytest.raises(ConfigError, match=r"attack.update.*alie.*needs 2 reference.*at most 1"):
+        _load("federation.clients_per_round=3", "federation.sampling=stratified",
+              "attack.update.name=alie", "attack.update.params={knowledge: malicious}")
+    _load("federation.clients_per_round=3", "federation.sampling=stratified",
+          "attack.update.name=alie")  # knowledge=benign: 2 references in every round
+
+
+def test_an_attack_feasible_in_some_uniform_rounds_loads():
+    """Uniform, 2 per round: a round with an attacker has at most 1 benign client, so ALIE
+    (benign knowledge) can never run; with 3 per round some rounds have 2 benign clients."""
+    with pytest.raises(ConfigError, match="could never run"):
+        _load("federation.clients_per_round=2", "attack.update.name=alie")
+    cfg = _load("federation.clients_per_round=3", "attack.update.name=alie")
+    assert cfg.attack.update.on_too_few_references == "send_trained"
+
+
+def test_update_attack_params_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"attack.update.*unknown parameter.*\['zz'\]"):
+        _load("federation.clients_per_round=3", "attack.update.name=alie",
+              "attack.update.params={zz: 1}")
+    with pytest.raises(ConfigError, match=r"knowledge='everyone' must be one of"):
+        _load("federation.clients_per_round=3", "attack.update.name=ipm",
+              "attack.update.params={knowledge: everyone}")

@@ -25,10 +25,21 @@ from ray_fedit.attacks.update import (  # noqa: F401
     scaling,
     sign_flip,
 )
+from ray_fedit.attacks.update.base import (
+    KNOWLEDGE,
+    InsufficientReference,
+    min_reference,
+    reference_count,
+)
 from ray_fedit.errors import ConfigError
 from ray_fedit.registry import ATTACKS
 
-__all__ = ["apply_update_attack", "check_update_attack_params"]
+__all__ = [
+    "InsufficientReference",
+    "apply_update_attack",
+    "check_update_attack_feasible",
+    "check_update_attack_params",
+]
 
 _COMMON = {"generator"}
 
@@ -55,6 +66,45 @@ def check_update_attack_params(name: str, params: Mapping[str, Any]) -> None:
     if unknown:
         raise ConfigError(
             f"attack {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(accepted)}"
+        )
+    if "knowledge" in params and params["knowledge"] not in KNOWLEDGE:
+        raise ConfigError(f"attack {name!r}: knowledge={params['knowledge']!r} must be one of "
+                          f"{list(KNOWLEDGE)}")
+
+
+def _knowledge(name: str, params: Mapping[str, Any]) -> str:
+    default = inspect.signature(ATTACKS.get(name)).parameters.get("knowledge")
+    return str(params.get("knowledge", default.default if default is not None else "all"))
+
+
+def check_update_attack_feasible(name: str, params: Mapping[str, Any], *, clients_per_round: int,
+                                 malicious_per_round: tuple[int, int]) -> None:
+    """Refuse an attack that can never have enough reference updates under this sampling.
+
+    Args:
+        name: the update attack.
+        params: its parameters (``knowledge`` picks the reference updates).
+        clients_per_round: clients aggregated per round.
+        malicious_per_round: the fewest and most malicious clients a round can sample.
+
+    Raises:
+        ConfigError: when no round with an attacker in it has ``min_reference`` reference updates
+            (e.g. ALIE with knowledge=benign and one benign client per round). Rounds that fall
+            short only sometimes are handled per round (``attack.update.on_too_few_references``).
+    """
+    need = min_reference(name)
+    lo, hi = malicious_per_round
+    if need == 0 or hi == 0:
+        return
+    knowledge = _knowledge(name, params)
+    best = max(reference_count(knowledge, benign=clients_per_round - m, malicious=m)
+               for m in range(max(lo, 1), hi + 1))
+    if best < need:
+        raise ConfigError(
+            f"attack {name!r} needs {need} reference updates per round but knowledge={knowledge!r} "
+            f"gives at most {best} with clients_per_round={clients_per_round} and "
+            f"{lo}-{hi} malicious clients per round, so it could never run; sample more clients or "
+            "change attack.update.params.knowledge"
         )
 
 

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ray_fedit.attacks.update.base import need_rows, replace_from_reference
+from ray_fedit.attacks.update.base import replace_from_reference
 from ray_fedit.errors import ConfigError
 from ray_fedit.registry import ATTACKS
 
@@ -43,7 +43,7 @@ def alie_z(n: int, f: int) -> float:
     return math.sqrt(2.0) * float(torch.erfinv(torch.tensor(2.0 * q - 1.0, dtype=torch.float64)))
 
 
-@ATTACKS.register("alie", kind="update")
+@ATTACKS.register("alie", kind="update", min_reference=2)
 def alie(
     deltas: Tensor,
     malicious_mask: Tensor,
@@ -65,7 +65,6 @@ def alie(
         ConfigError: fewer than 2 reference updates, or no finite default ``z``.
     """
     def craft(ref: Tensor) -> Tensor:
-        need_rows("alie", ref, 2, "a standard deviation")
         shift = alie_z(deltas.shape[0], int(malicious_mask.sum())) if z is None else z
         std, mean = torch.std_mean(ref, dim=0)
         return mean + shift * std

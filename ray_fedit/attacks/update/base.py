@@ -17,8 +17,27 @@ import torch
 from torch import Tensor
 
 from ray_fedit.errors import ConfigError
+from ray_fedit.registry import ATTACKS
 
 KNOWLEDGE = ("benign", "malicious", "all")
+
+
+class InsufficientReference(ConfigError):
+    """A round has fewer reference updates than the attack needs (e.g. one benign client).
+
+    Under uniform sampling such rounds happen in most long runs; the federation then applies the
+    ``attack.update.on_too_few_references`` policy instead of stopping.
+    """
+
+
+def min_reference(name: str) -> int:
+    """Reference updates attack ``name`` needs per round (0: it needs none)."""
+    return int(ATTACKS.meta(name).get("min_reference", 0))
+
+
+def reference_count(knowledge: str, *, benign: int, malicious: int) -> int:
+    """How many reference updates ``knowledge`` selects in a round of that composition."""
+    return {"benign": benign, "malicious": malicious}.get(knowledge, benign + malicious)
 
 
 def check_inputs(name: str, deltas: Tensor, malicious_mask: Tensor) -> None:
@@ -51,7 +70,7 @@ def reference_rows(name: str, deltas: Tensor, malicious_mask: Tensor, knowledge:
         knowledge, torch.ones_like(malicious_mask)
     )
     if not bool(rows.any()):
-        raise ConfigError(
+        raise InsufficientReference(
             f"{name}: knowledge={knowledge!r} selects no client this round; use knowledge='all' or "
             "make sure the round has both benign and malicious clients"
         )
@@ -59,9 +78,9 @@ def reference_rows(name: str, deltas: Tensor, malicious_mask: Tensor, knowledge:
 
 
 def need_rows(name: str, ref: Tensor, minimum: int, why: str) -> None:
-    """Raise ``ConfigError`` if the attacker's reference set has fewer than ``minimum`` rows."""
+    """Raise ``InsufficientReference`` if the reference set has fewer than ``minimum`` rows."""
     if ref.shape[0] < minimum:
-        raise ConfigError(
+        raise InsufficientReference(
             f"{name}: needs at least {minimum} reference updates for {why}, got {ref.shape[0]}; "
             "use knowledge='benign' or 'all', or sample more clients"
         )
@@ -80,10 +99,15 @@ def replace_from_reference(name: str, deltas: Tensor, malicious_mask: Tensor, kn
     """The skeleton of the attacks that craft their rows from reference statistics.
 
     Checks the inputs, returns an unchanged copy when no client is malicious, and otherwise
-    replaces the malicious rows with ``craft(reference_rows(...))``.
+    replaces the malicious rows with ``craft(reference_rows(...))``, after checking that the
+    reference set has the attack's registered ``min_reference`` rows.
+
+    Raises:
+        InsufficientReference: fewer reference rows than the attack needs.
     """
     check_inputs(name, deltas, malicious_mask)
     if not bool(malicious_mask.any()):
         return deltas.clone()
-    return with_rows(deltas, malicious_mask, craft(reference_rows(name, deltas, malicious_mask,
-                                                                  knowledge)))
+    ref = reference_rows(name, deltas, malicious_mask, knowledge)
+    need_rows(name, ref, min_reference(name), "its reference statistics")
+    return with_rows(deltas, malicious_mask, craft(ref))

@@ -18,7 +18,7 @@ from ray_fedit.attacks.update.base import replace_from_reference
 from ray_fedit.registry import ATTACKS
 
 
-@ATTACKS.register("ipm", kind="update")
+@ATTACKS.register("ipm", kind="update", min_reference=1)
 def ipm(
     deltas: Tensor,
     malicious_mask: Tensor,

@@ -14,4 +14,5 @@ from ray_fedit.attacks.update.perturbation import gamma_attack
 from ray_fedit.registry import ATTACKS
 
 # Signature and parameters: see ``perturbation.gamma_attack``.
-min_max = ATTACKS.register("min_max", kind="update")(gamma_attack("min_max", "max"))
+min_max = ATTACKS.register("min_max", kind="update", min_reference=2)(
+    gamma_attack("min_max", "max"))

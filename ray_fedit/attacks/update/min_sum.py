@@ -15,4 +15,5 @@ from ray_fedit.attacks.update.perturbation import gamma_attack
 from ray_fedit.registry import ATTACKS
 
 # Signature and parameters: see ``perturbation.gamma_attack``.
-min_sum = ATTACKS.register("min_sum", kind="update")(gamma_attack("min_sum", "sum"))
+min_sum = ATTACKS.register("min_sum", kind="update", min_reference=2)(
+    gamma_attack("min_sum", "sum"))
