@@ -265,6 +265,9 @@ class FederationConfig(Section):
     min_quorum: PositiveInt | None = Field(None, description="fewest updates a round may aggregate;"
                                            " default clients_per_round")
     round_timeout_s: Annotated[float, Field(gt=0.0)] | None = None
+    worker_recovery_s: Annotated[float, Field(gt=0.0)] = Field(
+        300.0, description="how long a retry waits for a trainer worker that died to restart (or "
+        "for its replacement, once resources.max_restarts are used up) to load the model again")
     checkpoint_every: Annotated[int, Field(ge=0)] = 1
     eval_every: Annotated[int, Field(ge=0)] = Field(0, description="evaluate the global adapter "
                                                     "every N rounds (0: only after the stage)")

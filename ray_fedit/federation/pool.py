@@ -5,6 +5,11 @@ The pool is the only place that submits client tasks. Failure handling follows
 
 - ``retry``: a failed task (its worker died, or it raised) is re-run on the next worker, up to
   ``federation.max_task_retries`` times; a client that still fails stops the run (ClientFailure).
+  When the worker died, the retry first waits (with backoff, up to
+  ``federation.worker_recovery_s``) until its target worker answers again: a restarting worker is
+  waited for, and one whose ``resources.max_restarts`` are used up is replaced by a fresh worker in
+  the same placement bundle. So a task survives the loss of the only worker, and the restart does
+  not use up the retries.
 - ``drop``: the client is left out of the round (the driver then checks ``min_quorum``).
 - ``raise``: the first failure stops the run.
 
@@ -24,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from ray_fedit.config import RunConfig
 from ray_fedit.errors import ClientFailure, ConfigError
@@ -77,15 +82,46 @@ class WorkerPool:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         self.size = cfg.resources.num_workers
         self.placement = acquire_worker_placement(cfg.resources)
-        # Ray retries nothing itself (see the module docstring); restarts come with the options.
-        self.workers = [TrainerWorker.options(**self.placement.worker_options(i),
-                                              max_task_retries=0).remote(cfg, i)
-                        for i in range(self.size)]
+        self.workers = [self._start(i) for i in range(self.size)]
         self._describe = [w.describe.remote() for w in self.workers]
         self.pids: list[int] = []
         self.inflight: dict[int, int] = {}  # client -> worker of the tasks not yet collected
+
+    def _start(self, index: int) -> Any:
+        # Ray retries nothing itself (see the module docstring); restarts come with the options.
+        return TrainerWorker.options(**self.placement.worker_options(index),
+                                     max_task_retries=0).remote(self.cfg, index)
+
+    def await_worker(self, index: int) -> None:
+        """Block until worker ``index`` answers: wait out a restart, replace a worker gone for good.
+
+        Raises:
+            ClientFailure: if it does not answer within ``federation.worker_recovery_s``.
+        """
+        limit = self.cfg.federation.worker_recovery_s
+        deadline, delay = time.monotonic() + limit, 0.05
+        while True:
+            try:
+                left = max(0.1, deadline - time.monotonic())
+                self.pids[index] = int(ray.get(self.workers[index].ping.remote(), timeout=left))
+                return
+            except (ActorUnavailableError, GetTimeoutError):
+                pass  # restarting: the model is loading again
+            except ActorDiedError:
+                log.warning("trainer worker %d is gone (resources.max_restarts=%d used up); "
+                            "starting a replacement in its placement bundle", index,
+                            self.cfg.resources.max_restarts)
+                ray.kill(self.workers[index], no_restart=True)
+                self.workers[index] = self._start(index)
+            if time.monotonic() >= deadline:
+                raise ClientFailure(f"trainer worker {index} did not answer within "
+                                    f"federation.worker_recovery_s={limit:g} s after it died; "
+                                    "see the worker's log, or raise the limit")
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     def wait_ready(self) -> None:
         """Wait for every worker to load the model; check they built the same adapter.
@@ -159,9 +195,12 @@ class WorkerPool:
                 where = (f"round {task.round_index + 1}: client {task.client_id} failed on worker "
                          f"{worker} (attempt {task.attempt + 1}): {_short(e)}")
                 if policy == "retry" and task.attempt < max_retries:
-                    log.warning("%s; retrying on worker %d", where, (worker + 1) % self.size)
+                    target = (worker + 1) % self.size
+                    log.warning("%s; retrying on worker %d", where, target)
+                    if kind == "worker_died":
+                        self.await_worker(target)
                     out.retries += 1
-                    submit(replace(task, attempt=task.attempt + 1), (worker + 1) % self.size)
+                    submit(replace(task, attempt=task.attempt + 1), target)
                     continue
                 if policy != "drop":
                     raise ClientFailure(

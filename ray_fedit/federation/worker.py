@@ -87,6 +87,10 @@ class TrainerWorker:
     def _set_threads(self) -> None:
         torch.set_num_threads(self.cfg.resources.torch_threads)
 
+    def ping(self) -> int:
+        """This worker's pid: answers once the model is loaded (after a restart, too)."""
+        return os.getpid()
+
     def describe(self) -> dict[str, Any]:
         """The worker's pid, device, adapter layout, initial (round-0) adapter and PEFT config."""
         return {"pid": os.getpid(), "device": str(self.device), "index": self.index,
