@@ -1,6 +1,6 @@
 """The run directory: the contract between stages, and the manifest that says what produced it.
 
-    runs/<name>/<timestamp>/
+    runs/<name>/<timestamp>[-<tag>]/     (tag: the Ray Tune trial id of a sweep trial)
       resolved_config.yaml  manifest.json
       data/*.parquet        rounds.jsonl       checkpoints/round_0003/
       eval/<stage>/*.parquet + metrics.json    report/
@@ -38,9 +38,14 @@ class RunDir:
     root: Path
 
     @classmethod
-    def create(cls, cfg: RunConfig, timestamp: str | None = None) -> RunDir:
+    def create(cls, cfg: RunConfig, timestamp: str | None = None, tag: str | None = None) -> RunDir:
+        """Create ``<output.root>/<output.name>/<timestamp>[-<tag>]``; an existing one is an error.
+
+        The timestamp has one-second resolution, so runs that may start in the same second (the
+        concurrent trials of a sweep) pass a ``tag`` that tells them apart.
+        """
         stamp = timestamp or datetime.now().strftime("%Y%m%d-%H%M%S")
-        root = Path(cfg.output.root) / cfg.output.name / stamp
+        root = Path(cfg.output.root) / cfg.output.name / (f"{stamp}-{tag}" if tag else stamp)
         root.mkdir(parents=True, exist_ok=False)
         return cls(root)
 

@@ -13,8 +13,14 @@ A sweep file names a base config, overrides for every trial, a grid of config ke
 
 Every trial's config is built and validated before Tune starts, so one bad grid point fails the sweep
 at once. Each trial reserves its driver and worker bundles with ``tune.PlacementGroupFactory``, so the
-actors a run starts are scheduled inside the trial's reservation. ``--resume`` restores an interrupted
-sweep with ``Tuner.restore``; finished trials are not rerun.
+actors a run starts are scheduled inside the trial's reservation.
+
+Each trial's run directory is ``<output.root>/<name>/<timestamp>-<trial id>``, so concurrent trials
+never share one, and it is the trial's Tune checkpoint: before its first stage a trial reports a
+checkpoint that holds only the directory's path (``run.json``). ``--resume`` restores an interrupted
+sweep with ``Tuner.restore``: finished trials are not rerun; unfinished and errored ones find their
+run directory in that checkpoint and continue it like ``ray-fedit run --resume`` (stages already done
+are skipped, the federation continues from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from ray_fedit.errors import ConfigError
 
 if TYPE_CHECKING:
     from ray_fedit.resources import NodeCapacity
+    from ray_fedit.rundir import RunDir
 
 SWEEP_STATE = "sweep.json"
+RUN_POINTER = "run.json"  # the file of a trial's Tune checkpoint: {"run_dir": absolute path}
 
 
 class SweepFile(BaseModel):
@@ -193,16 +201,42 @@ def flatten_metrics(summary: dict[str, Any], prefix: str = "") -> dict[str, floa
     return out
 
 
+def trial_run_dir(cfg: RunConfig, trial_id: str, timestamp: str | None = None) -> RunDir:
+    """Create a trial's run directory, named by its trial id, and write its manifest (what
+    :func:`ray_fedit.pipeline.run_pipeline` writes for a new run, plus ``sweep_trial_id``)."""
+    from ray_fedit.pipeline import selected_stages
+    from ray_fedit.rundir import RunDir, write_manifest
+
+    run = RunDir.create(cfg, timestamp=timestamp, tag=trial_id)
+    write_manifest(run, cfg, stages=selected_stages(cfg, None), sweep_trial_id=trial_id)
+    return run
+
+
 def _trainable(config: dict[str, Any]) -> None:
+    import tempfile
+
     from ray import tune
 
-    from ray_fedit.pipeline import run_pipeline
+    from ray_fedit.pipeline import resume_run, run_pipeline
 
     trial = config["trial"]
-    cfg = RunConfig.model_validate(trial["run_config"])
-    summary = run_pipeline(cfg)
-    tune.report(flatten_metrics(summary["metrics"])
-                | {"run_dir": summary["run_dir"], "trial_key": trial["key"], "seed": trial["seed"]})
+    ids = {"trial_key": trial["key"], "seed": trial["seed"]}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        cfg = RunConfig.model_validate(trial["run_config"])
+        run_dir = trial_run_dir(cfg, tune.get_context().get_trial_id()).root.resolve()
+        # Tune copies the checkpoint to its storage before report() returns.
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / RUN_POINTER).write_text(json.dumps({"run_dir": str(run_dir)}))
+            tune.report({**ids, "run_dir": str(run_dir)},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+        summary = run_pipeline(cfg, run_dir=run_dir)
+    else:
+        with checkpoint.as_directory() as d:
+            run_dir = Path(json.loads((Path(d) / RUN_POINTER).read_text())["run_dir"])
+        print(f"trial {trial['key']} seed {trial['seed']}: resuming {run_dir}", flush=True)
+        summary = resume_run(run_dir)
+    tune.report(flatten_metrics(summary["metrics"]) | {**ids, "run_dir": summary["run_dir"]})
 
 
 def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = None) -> Path:
@@ -234,7 +268,9 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     if resume:
         if not tune.Tuner.can_restore(resume):
             raise ConfigError(f"--resume {resume!r}: no restorable sweep there")
-        tuner = tune.Tuner.restore(resume, trainable=trainable, resume_errored=True)
+        # Unfinished and errored trials continue their run directories (see the module docstring).
+        tuner = tune.Tuner.restore(resume, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
     else:
         param_space = {"trial": tune.grid_search([
             {"run_config": t.config.model_dump(mode="json"), "key": t.key, "seed": t.seed}
@@ -243,7 +279,10 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=limit),
-            run_config=tune.RunConfig(name=sweep.spec.name, storage_path=str(storage)),
+            # num_to_keep makes Tune save the experiment state as soon as a trial reports its run
+            # directory, so a sweep killed without warning (SIGKILL, a lost head) still finds it.
+            run_config=tune.RunConfig(name=sweep.spec.name, storage_path=str(storage),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_STATE).write_text(json.dumps({

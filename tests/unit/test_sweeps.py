@@ -13,6 +13,7 @@ from ray_fedit.sweeps import (
     max_concurrent,
     outside_bundles,
     trial_bundles,
+    trial_run_dir,
 )
 from tests.conftest import ROOT
 
@@ -35,7 +36,7 @@ def test_grid_times_seeds_and_overrides(tmp_path):
 def test_a_bad_grid_point_fails_the_whole_sweep_with_its_name(tmp_path):
     (tmp_path / "s.yaml").write_text(
         f"name: s\nbase: {ROOT / 'configs/quickstart.yaml'}\n"
-        "grid:\n  aggregator.name: [mean, krum]\n  aggregator.f: [5]\n")
+        "grid:\n  aggregator.name: [krum]\n  aggregator.f: [0, 5]\n")
     with pytest.raises(ConfigError, match=r"trial .*'aggregator.name': 'krum'.*krum"):
         load_sweep(tmp_path / "s.yaml")
 
@@ -83,3 +84,17 @@ def test_flatten_metrics_keeps_numbers_only():
 
 def test_shipped_tiny_sweep_loads():
     assert len(load_sweep(ROOT / "tests/assets/tiny_sweep.yaml").trials) == 4
+
+
+def test_concurrent_trials_started_in_the_same_second_get_their_own_run_directories(tmp_path):
+    """Two trials of one sweep (same output.name) whose runs start in the same second: the trial id
+    in the directory name keeps them apart, and the manifest records it."""
+    import json
+
+    cfg = load_config(None, [f"output.root={tmp_path}", "output.name=s"])
+    a = trial_run_dir(cfg, "5f1e2_00000", timestamp="20250101-120000")
+    b = trial_run_dir(cfg, "5f1e2_00001", timestamp="20250101-120000")
+    assert (a.root, b.root) == (tmp_path / "s" / "20250101-120000-5f1e2_00000",
+                                tmp_path / "s" / "20250101-120000-5f1e2_00001")
+    assert json.loads(b.manifest_path.read_text())["sweep_trial_id"] == "5f1e2_00001"
+    assert b.config_path.is_file()
