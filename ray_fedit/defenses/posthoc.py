@@ -12,9 +12,12 @@ Registered defenses:
 - ``pretrained``: start from a fresh adapter on the base model (paper Fig. 7, "Local+Gen").
 
 The fine-tune is a Ray Train ``TorchTrainer`` job: ``defense.num_workers`` data-parallel workers (DDP over
-gloo on CPU, NCCL on GPU), or DeepSpeed ZeRO when ``defense.deepspeed`` names a JSON config. Rank 0
-saves the adapter in PEFT format every ``checkpoint_every`` steps (the paper's steps ablation, Fig. 6)
-and reports it to Ray Train as a checkpoint.
+gloo on CPU, NCCL on GPU), or DeepSpeed ZeRO when ``defense.deepspeed`` names a JSON config. Either way
+a step's loss is the mean over the target tokens of all workers (:mod:`.posthoc_math`), every worker
+joins every backward pass (one without target tokens back-propagates a zero loss), and the optimizer
+restarts each round. Rank 0 saves the adapter in PEFT format every ``checkpoint_every`` steps (the
+paper's steps ablation, Fig. 6), after all ranks gather it under ZeRO-3, and reports it to Ray Train
+as a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from ray_fedit.errors import ConfigError
 from ray_fedit.registry import DEFENSES
 
 STEP_DIR = "step_{:04d}"
+# torch.distributed's default: a rank stuck in a collective fails the job after this many seconds
+PROCESS_GROUP_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -56,26 +61,75 @@ def checkpoint_steps(steps: int, every: int, plan: list[int]) -> list[int]:
     return marks
 
 
+def worker_order(seed: int, round_index: int, rank: int, num_examples: int, steps: int,
+                 per_worker: int) -> Any:
+    """Indices into a worker's shard for each step of one round: an int array ``(steps, per_worker)``."""
+    from ray_fedit.federation.sampling import numpy_generator
+    from ray_fedit.federation.sft import batch_order
+
+    rng = numpy_generator(seed, round_index, rank, "defense")
+    return batch_order(num_examples, steps, per_worker, 1, rng)[:, 0]
+
+
+def build_lora_model(cfg: RunConfig, init_adapter: str | Path | None, device: Any) -> tuple[Any, Any]:
+    """The base model wrapped in LoRA, the same on every rank, and its tokenizer.
+
+    The LoRA init is seeded from ``cfg.seed`` alone, never the rank: DDP and DeepSpeed copy rank
+    0's weights at start-up, but a fresh adapter (``pretrained``) must not depend on that.
+    ``init_adapter`` (a PEFT directory) overwrites the init.
+    """
+    import torch
+
+    from ray_fedit.federation.sampling import NO_CLIENT, derive_seed
+    from ray_fedit.models.loading import load_model_and_tokenizer
+    from ray_fedit.models.lora import load_adapter, load_adapter_state, wrap_lora
+
+    model, tok = load_model_and_tokenizer(cfg.model, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, 0, NO_CLIENT, "defense-init"))
+        peft_model = wrap_lora(model, cfg.lora, base_model=cfg.model.name)
+    if init_adapter:
+        state, _ = load_adapter(init_adapter)
+        load_adapter_state(peft_model, state)
+    return peft_model, tok
+
+
+def torch_optimizers(optimizer: Any) -> list[Any]:
+    """The torch optimizers inside a DeepSpeed engine's ``optimizer``: itself (ZeRO-0 in fp32), or
+    the ``optimizer`` a ZeRO / bf16 wrapper holds, plus ZeRO-3's ``backup_optimizer`` (partial
+    optimizer offload)."""
+    import torch
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    return [o for o in (getattr(optimizer, "optimizer", None), getattr(optimizer, "backup_optimizer", None))
+            if isinstance(o, torch.optim.Optimizer)]
+
+
 def _train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: load the model and adapter, train its shard, save and report checkpoints."""
+    """One Ray Train worker: load the model and adapter, train its shard, save and report checkpoints.
+
+    Every rank runs every collective of every step (token count, backward, loss), also when its
+    own batch holds no target token; a step without target tokens on any rank is skipped by all.
+    """
+    import contextlib
+
     import numpy as np
     import ray.train
     import torch
+    import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from ray_fedit.federation.sampling import derive_seed, numpy_generator
+    from ray_fedit.defenses.posthoc_math import restart_optimizer, scaled_loss
+    from ray_fedit.federation.sampling import derive_seed
     from ray_fedit.federation.sft import (
-        TrainConfig,
-        batch_order,
         collate,
         cosine_learning_rate,
         count_targets,
         response_loss,
         tokenize_records,
-        train_steps,
     )
-    from ray_fedit.models.loading import load_model_and_tokenizer
-    from ray_fedit.models.lora import adapter_state, load_adapter, load_adapter_state, save_adapter, wrap_lora
+    from ray_fedit.models.lora import adapter_state, save_adapter
 
     cfg = RunConfig.model_validate(config["cfg"])
     d = cfg.defense
@@ -83,13 +137,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.resources.torch_threads)
     device = ray.train.torch.get_device() if d.use_gpu else torch.device("cpu")
-    torch.manual_seed(derive_seed(cfg.seed, 0, rank, "defense-init"))
 
-    model, tok = load_model_and_tokenizer(cfg.model, device)
-    peft_model = wrap_lora(model, cfg.lora, base_model=cfg.model.name)
-    if config["init_adapter"]:
-        state, _ = load_adapter(config["init_adapter"])
-        load_adapter_state(peft_model, state)
+    def all_ranks_sum(value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        return float(t)
+
+    peft_model, tok = build_lora_model(cfg, config["init_adapter"], device)
     records = config["records"][rank::world]
     examples = tokenize_records(tok, records, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -98,7 +153,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     marks = set(checkpoint_steps(d.steps, d.checkpoint_every, plan))
     out_dir = Path(config["out_dir"])
 
-    engine = None
+    engine, zero3 = None, False
     if config["deepspeed_config"] is not None:
         import deepspeed
 
@@ -109,44 +164,58 @@ def _train_loop(config: dict[str, Any]) -> None:
             ds_config["gradient_clipping"] = d.max_grad_norm
         engine, _, _, _ = deepspeed.initialize(model=peft_model, model_parameters=params,
                                                config=ds_config, dist_init_required=False)
-        train_model = engine
+        train_model, optimizers = engine, torch_optimizers(engine.optimizer)
+        zero3 = engine.zero_optimization_stage() == 3
     else:
         train_model = ray.train.torch.prepare_model(peft_model, move_to_device=False) \
             if world > 1 else peft_model
+        optimizers = [torch.optim.AdamW(params, lr=d.lr, weight_decay=0.0)]
 
+    def optimizer_step(loss: torch.Tensor) -> None:
+        if engine is not None:  # DeepSpeed averages, clips and steps
+            engine.backward(loss)
+            engine.step()
+            return
+        optimizers[0].zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over ranks here
+        if d.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm)
+        optimizers[0].step()
+
+    train_model.train()
     done, losses = 0, []
     for rnd, k in enumerate(plan):
+        # --- a fresh AdamW each round; lr constant within the round, cosine across rounds ---
         lr = cosine_learning_rate(rnd, len(plan), d.lr, d.lr_min)
-        order = batch_order(len(examples), k, per_worker, 1, numpy_generator(cfg.seed, rnd, rank, "defense"))
+        for opt in optimizers:
+            restart_optimizer(opt, lr)
+        order = worker_order(cfg.seed, rnd, rank, len(examples), k, per_worker)
         torch.manual_seed(derive_seed(cfg.seed, rnd, rank, "defense-dropout"))
-        if engine is None:
-            stats = train_steps(train_model, params, examples, order,
-                                TrainConfig(steps=k, batch_size=per_worker, lr=lr,
-                                            max_grad_norm=d.max_grad_norm),
-                                pad_id=tok.pad_token_id)
-            step_losses = stats.step_losses
-        else:  # DeepSpeed owns the optimizer (kept across rounds) and the backward pass
-            step_losses = []
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            engine.train()
-            for micro in order:
-                b = collate([examples[int(i)] for i in micro[0]], tok.pad_token_id)
-                n = max(count_targets(b["labels"]), 1)
-                logits = engine(input_ids=b["input_ids"].to(device),
-                                attention_mask=b["attention_mask"].to(device)).logits
-                summed, _ = response_loss(logits, b["labels"].to(device))
-                engine.backward(summed / n)
-                engine.step()
-                step_losses.append(float(summed.detach()) / n)
+        step_losses = []
+        for micro in order:
+            b = collate([examples[int(i)] for i in micro], tok.pad_token_id)
+            tokens = all_ranks_sum(count_targets(b["labels"]))
+            if tokens == 0:  # no rank has a target token: all skip the step together
+                step_losses.append(float("nan"))
+                continue
+            logits = train_model(input_ids=b["input_ids"].to(device),
+                                 attention_mask=b["attention_mask"].to(device)).logits
+            summed, _ = response_loss(logits, b["labels"].to(device))
+            optimizer_step(scaled_loss(summed, world, int(tokens)))
+            step_losses.append(all_ranks_sum(float(summed.detach())) / tokens)
         losses.extend(step_losses)
         done += k
         metrics = {"step": done, "round": rnd, "lr": lr,
                    "loss": float(np.nanmean(step_losses)) if step_losses else float("nan")}
         if done in marks:
+            # --- save: under ZeRO-3 the LoRA tensors are partitioned; every rank joins the gather ---
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 \
+                else contextlib.nullcontext()
+            with gather:
+                state = adapter_state(peft_model) if rank == 0 else None
             checkpoint = None
             if rank == 0:
-                step_dir = save_adapter(adapter_state(peft_model), cfg.lora, out_dir / STEP_DIR.format(done),
+                step_dir = save_adapter(state, cfg.lora, out_dir / STEP_DIR.format(done),
                                         base_model=cfg.model.name)
                 (step_dir / "defense_losses.json").write_text(json.dumps(losses))
                 checkpoint = Checkpoint.from_directory(str(step_dir))
@@ -210,7 +279,7 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
         scaling_config=ScalingConfig(
             num_workers=d.num_workers, use_gpu=d.use_gpu,
             resources_per_worker=defense_worker_resources(cfg.resources, d.use_gpu)),
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
         run_config=TrainRunConfig(name="defense", storage_path=str(out_dir / "ray_train")),
     )
     trainer.fit()
