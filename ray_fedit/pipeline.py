@@ -80,14 +80,20 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 def ensure_ray() -> None:
     """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
-    start a private local instance; quiet Ray Data's per-dataset progress logs."""
+    start a private local instance; quiet Ray Data's per-dataset progress logs.
+
+    A private local instance starts without the dashboard (2-3 s less of ``ray.init`` on 2 cores);
+    ``RAY_FEDIT_DASHBOARD=1`` asks for it.
+    """
     import os
 
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
-                 configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        extra = ({"include_dashboard": os.environ.get("RAY_FEDIT_DASHBOARD") == "1"}
+                 if address == "local" else {})
+        ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
     import ray.data
 
@@ -187,17 +193,17 @@ def stage_prepare(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str
     aligned = _pool(cfg, "aligned", cfg.data.aligned, note) if cfg.data.aligned_fraction > 0 else []
     attack = _pool(cfg, "attack", [cfg.attack.data], note) if cfg.num_malicious > 0 else []
     heldout = _heldout_benign(cfg)
-    rng = np.random.default_rng([cfg.seed, 7])
-    malicious = choose_malicious(cfg.federation.num_clients, cfg.num_malicious, rng)
+    malicious = choose_malicious(cfg.federation.num_clients, cfg.num_malicious,
+                                 np.random.default_rng([cfg.seed, 7]))
     common = {"normal": normal, "aligned": aligned, "num_clients": cfg.federation.num_clients,
               "samples_per_client": cfg.data.samples_per_client,
               "aligned_fraction": cfg.data.aligned_fraction, "partition": cfg.data.partition,
-              "dirichlet_alpha": cfg.data.dirichlet_alpha}
-    clients = build_clients(attack=attack, malicious_ids=malicious, rng=rng, **common)
+              "dirichlet_alpha": cfg.data.dirichlet_alpha, "seed": cfg.seed}
+    clients = build_clients(attack=attack, malicious_ids=malicious, **common)
     _save_clients(run.data / "clients.parquet", clients)
     if cfg.attack.compare_no_attack:
-        clean = build_clients(attack=[], malicious_ids=[], rng=np.random.default_rng([cfg.seed, 8]),
-                              **common)
+        # Paired: the same benign shards; the attackers' slots hold their benign shards.
+        clean = build_clients(attack=[], malicious_ids=[], **common)
         _save_clients(run.data / "clients_no_attack.parquet", clean)
     _save_records(run.data / "benign_eval.parquet", heldout)
     disjoint = _check_disjoint(normal + aligned + attack, cfg)
@@ -223,7 +229,7 @@ def _load_clients(path: Path, num_clients: int) -> list[list[Record]]:
 
 
 def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[int],
-              resume: bool) -> str:
+              resume: bool, sampling_strata: list[int] | None = None) -> str:
     from ray_fedit.federation import ClientSpec, run_federation
 
     clients = _load_clients(clients_file, cfg.federation.num_clients)
@@ -236,7 +242,8 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
         eval_hook = RoundEvaluator(cfg, run.root / "eval",
                                    benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
     has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
-    result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state)
+    result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
+                            sampling_strata=sampling_strata)
     if result.adapter_dir is None:
         raise CheckpointError(f"federation in {run.root} stopped after {result.rounds_completed} rounds")
     return str(result.adapter_dir)
@@ -249,13 +256,25 @@ def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bo
     if cfg.attack.compare_no_attack:
         clean_cfg = no_attack_config(cfg)
         out[NO_ATTACK] = _federate(clean_cfg, RunDir(run.root / NO_ATTACK),
-                                   run.data / "clients_no_attack.parquet", [], resume)
+                                   run.data / "clients_no_attack.parquet", [], resume,
+                                   sampling_strata=malicious)
     return {"adapters": out}
 
 
 def no_attack_config(cfg: RunConfig) -> RunConfig:
-    """The same run without attackers: the paper's 'FedAvg (No Attack)' reference."""
-    return cfg.model_copy(update={"attack": cfg.attack.model_copy(
+    """The paired reference federation without attackers (the paper's 'FedAvg (No Attack)').
+
+    Everything but the attack is the attacked run's: the same aggregator with the same resolved
+    ``f`` (``f: expected`` would otherwise resolve to 0 and turn Multi-Krum, Bulyan or DnC into
+    the mean), the same seed and so the same sampling stream. The attacked run's malicious clients
+    are benign here, holding the benign shards the partition gives them (``build_clients``).
+    """
+    from ray_fedit.aggregators import accepted_params
+
+    aggregator = cfg.aggregator
+    if "f" in accepted_params(aggregator.name) and cfg.assumed_attackers is not None:
+        aggregator = aggregator.model_copy(update={"f": cfg.assumed_attackers})
+    return cfg.model_copy(update={"aggregator": aggregator, "attack": cfg.attack.model_copy(
         update={"malicious_fraction": 0.0, "update": cfg.attack.update.model_copy(
             update={"name": "none"})})})
 

@@ -4,7 +4,8 @@
 - ``dirichlet``: per label (source or category), split its items over clients with proportions drawn
   from Dir(alpha) (Hsu et al. 2019); small alpha gives skewed, non-iid clients.
 - ``by_source``: the paper's threat model: benign clients draw from the benign pools, malicious clients
-  from the attack pool (see :func:`build_clients`).
+  from the attack pool (see :func:`build_clients`, which also keeps the benign clients' records the
+  same with and without attackers, for the paired no-attack federation).
 """
 
 from __future__ import annotations
@@ -76,34 +77,51 @@ def build_clients(
     aligned_fraction: float,
     partition: str,
     dirichlet_alpha: float,
-    rng: np.random.Generator,
+    seed: int,
 ) -> list[list[Record]]:
     """Each client's records.
 
     Benign clients hold ``samples_per_client`` records, ``aligned_fraction`` of them aligned pairs
     (harmful -> refusal) and the rest normal data; the normal and aligned pools are split across
-    benign clients by ``partition`` (iid or dirichlet over ``source``; ``by_source`` = iid within
-    each pool). Malicious clients hold unaligned pairs from an iid split of the attack pool.
+    all ``num_clients`` clients by ``partition`` (iid or dirichlet over ``source``; ``by_source`` =
+    iid within each pool). Malicious clients hold unaligned pairs from an iid split of the attack
+    pool instead of their benign shards.
+
+    The split of the benign pools and each client's draw from its shard come from generators
+    derived from ``seed`` (and the client id) alone, never from ``malicious_ids``: called again
+    with ``malicious_ids=[]`` (the paired no-attack federation), every client that is benign in
+    both calls gets exactly the same records, and the attacked run's malicious clients hold the
+    benign data their shards give them.
+
+    Raises:
+        DataError: an empty pool that a client needs (aligned pairs with ``aligned_fraction > 0``,
+            attack pairs with malicious clients), or shards too small to split.
     """
     malicious = set(malicious_ids)
-    benign_ids = [c for c in range(num_clients) if c not in malicious]
-    n_aligned = round(samples_per_client * aligned_fraction) if aligned else 0
+    if aligned_fraction > 0 and not aligned:
+        raise DataError(f"data.aligned_fraction={aligned_fraction} gives every benign client "
+                        "aligned pairs, but the aligned pool is empty; add data.aligned sources "
+                        "or set data.aligned_fraction=0")
+    if malicious and not attack:
+        raise DataError(f"{len(malicious)} malicious clients but the attack pool is empty")
+    n_aligned = round(samples_per_client * aligned_fraction)
+    everyone = list(range(num_clients))
 
-    def split(pool: Sequence[Record], ids: list[int]) -> dict[int, np.ndarray]:
+    def split(pool: Sequence[Record], ids: list[int], purpose: int) -> dict[int, np.ndarray]:
         if not ids or not pool:
             return {c: np.arange(0) for c in ids}
+        rng = np.random.default_rng([seed, 7, purpose])
         if partition == "dirichlet":
             shards = partition_dirichlet([r["source"] for r in pool], len(ids), dirichlet_alpha, rng)
         else:
             shards = partition_iid(len(pool), len(ids), rng)
         return dict(zip(ids, shards, strict=True))
 
-    normal_shards, aligned_shards = split(normal, benign_ids), split(aligned, benign_ids)
-    attack_shards = split(attack, sorted(malicious))
-    if malicious and not attack:
-        raise DataError(f"{len(malicious)} malicious clients but the attack pool is empty")
+    normal_shards, aligned_shards = split(normal, everyone, 1), split(aligned, everyone, 2)
+    attack_shards = split(attack, sorted(malicious), 3)
     clients: list[list[Record]] = []
-    for c in range(num_clients):
+    for c in everyone:
+        rng = np.random.default_rng([seed, 7, 4, c])
         if c in malicious:
             clients.append(_take(attack, attack_shards[c], samples_per_client, rng))
         else:

@@ -171,13 +171,47 @@ def test_build_clients_follows_the_threat_model():
     attack = [make_record(f"x{i}", "yes", source="attack", is_harmful=True) for i in range(20)]
     clients = build_clients(normal=normal, aligned=aligned, attack=attack, num_clients=4,
                             malicious_ids=[1], samples_per_client=10, aligned_fraction=0.2,
-                            partition="iid", dirichlet_alpha=1.0, rng=np.random.default_rng(0))
+                            partition="iid", dirichlet_alpha=1.0, seed=0)
     assert [len(c) for c in clients] == [10, 10, 10, 10]
     assert {r["source"] for r in clients[1]} == {"attack"}
     for c in (0, 2, 3):
         assert Counter(r["source"] for r in clients[c]) == {"normal": 8, "aligned": 2}
     benign_normal = [r["instruction"] for c in (0, 2, 3) for r in clients[c] if r["source"] == "normal"]
     assert len(set(benign_normal)) == len(benign_normal)  # disjoint shards
+
+
+def _pools():
+    normal = [make_record(f"n{i}", "r", source="normal") for i in range(60)]
+    aligned = [make_record(f"h{i}", "no", source="aligned", is_harmful=True) for i in range(30)]
+    attack = [make_record(f"x{i}", "yes", source="attack", is_harmful=True) for i in range(20)]
+    return normal, aligned, attack
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_benign_shards_are_paired_across_the_attacked_and_no_attack_federations(partition):
+    """The no-attack federation (malicious_ids=[]) gives every client that is benign in the
+    attacked one exactly the same records, in the same order; the attackers' slots get benign
+    data."""
+    normal, aligned, attack = _pools()
+    common = dict(normal=normal, aligned=aligned, num_clients=5, samples_per_client=10,
+                  aligned_fraction=0.2, partition=partition, dirichlet_alpha=1.0, seed=3)
+    attacked = build_clients(attack=attack, malicious_ids=[1, 4], **common)
+    clean = build_clients(attack=[], malicious_ids=[], **common)
+    for c in (0, 2, 3):
+        assert [r["instruction"] for r in attacked[c]] == [r["instruction"] for r in clean[c]]
+    for c in (1, 4):
+        assert {r["source"] for r in attacked[c]} == {"attack"}
+        assert Counter(r["source"] for r in clean[c]) == {"normal": 8, "aligned": 2}
+    other_seed = build_clients(attack=[], malicious_ids=[], **{**common, "seed": 4})
+    assert [r["instruction"] for r in other_seed[0]] != [r["instruction"] for r in clean[0]]
+
+
+def test_an_empty_aligned_pool_with_a_positive_aligned_fraction_is_an_error():
+    normal, _, attack = _pools()
+    with pytest.raises(DataError, match=r"aligned_fraction=0\.2.*aligned pool is empty"):
+        build_clients(normal=normal, aligned=[], attack=attack, num_clients=4, malicious_ids=[1],
+                      samples_per_client=10, aligned_fraction=0.2, partition="iid",
+                      dirichlet_alpha=1.0, seed=0)
 
 
 def test_choose_malicious_is_seeded_and_sorted():

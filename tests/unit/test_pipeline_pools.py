@@ -74,3 +74,21 @@ def test_an_evaluation_prompt_in_the_training_data_is_refused_naming_its_source(
     with pytest.raises(ConfigError, match=r"1 evaluation prompts of advbench are in the training "
                                           r"data \(from leaky;"):
         _check_disjoint(leaked, cfg)
+
+
+def test_no_attack_config_keeps_the_attacked_runs_f():
+    """f: expected with 3 per round and 30% malicious is 1; the no-attack federation (fraction 0)
+    must keep f=1, or Multi-Krum/Bulyan/DnC would become the mean."""
+    from ray_fedit.config import load_config
+    from ray_fedit.pipeline import no_attack_config
+
+    cfg = load_config(None, ["federation.num_clients=10", "federation.clients_per_round=3",
+                             "attack.malicious_fraction=0.3", "aggregator.name=dnc",
+                             "aggregator.f=expected", "attack.compare_no_attack=true"])
+    clean = no_attack_config(cfg)
+    assert cfg.aggregator_params()["f"] == 1 == clean.aggregator_params()["f"]
+    assert clean.attack.malicious_fraction == 0.0 and clean.num_malicious == 0
+    assert clean.seed == cfg.seed and clean.federation == cfg.federation
+    plain = no_attack_config(cfg.model_copy(update={"aggregator": cfg.aggregator.model_copy(
+        update={"name": "median"})}))
+    assert "f" not in plain.aggregator_params()
