@@ -2,6 +2,7 @@
 
 Configs are YAML files plus ``key=value`` overrides (``federation.rounds=5 aggregator.name=krum``).
 Every config is validated before Ray starts; a bad one exits with code 2 and one line per problem.
+A bad data file (``DataError``: a malformed row, an unreadable or empty file) also exits with code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ray_fedit.errors import ConfigError, RayFeditError
+from ray_fedit.errors import ConfigError, DataError, RayFeditError
 
 EXIT_CONFIG = 2
 
@@ -51,7 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("config")
     ev.add_argument("overrides", nargs="*")
     ev.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (omit: base model)")
-    ev.add_argument("--out", metavar="DIR", help="output directory (default: eval/<adapter name>)")
+    ev.add_argument("--out", metavar="DIR", help="output directory, new or empty (default: a new "
+                    "OUTPUT_ROOT/eval/<adapter name>/<timestamp>)")
+    ev.add_argument("--overwrite", action="store_true", help="write over a non-empty --out DIR")
+    ev.add_argument("--resume", metavar="DIR", help="judge the responses an evaluation that failed "
+                    "saved in DIR, without generating them again")
 
     rep = sub.add_parser("report", help="tables and plots of a run or sweep directory")
     rep.add_argument("directory")
@@ -83,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as e:
         print(f"ray-fedit: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataError as e:  # a bad data file is bad input too
+        print(f"ray-fedit: data error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except RayFeditError as e:
         print(f"ray-fedit: {type(e).__name__}: {e}", file=sys.stderr)
@@ -137,7 +145,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ray_fedit.pipeline import evaluate_command
 
         cfg = _load(args.config, args.overrides)
-        evaluate_command(cfg, adapter=args.adapter, out=args.out)
+        evaluate_command(cfg, adapter=args.adapter, out=args.out, overwrite=args.overwrite,
+                         resume=args.resume)
         return 0
     if args.command == "report":
         from ray_fedit.report import write_report

@@ -285,8 +285,9 @@ def _evaluate(cfg: RunConfig, run: RunDir, adapters: dict[str, str | None]) -> d
     benign = from_rows(_read_records(run.data / "benign_eval.parquet"))
     out = {}
     for stage, adapter in adapters.items():
+        # resume: a rerun of the stage (after a judge failed) judges the responses it left
         metrics = evaluate_adapter(cfg, stage=stage, adapter_dir=Path(adapter) if adapter else None,
-                                   out_dir=run.eval(stage), benign_records=benign)
+                                   out_dir=run.eval(stage), benign_records=benign, resume=True)
         out[stage] = str(run.eval(stage) / "metrics.json")
         print(f"  {stage}: {headline(metrics)}", flush=True)
     return {"metrics": out}
@@ -371,21 +372,68 @@ def load_done(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     return done
 
 
+_FILE_KINDS = ("jsonl", "csv", "parquet")
+
+
+def check_data_files(cfg: RunConfig, stages: Sequence[str]) -> None:
+    """Read every local data file (jsonl, csv, parquet) that ``stages`` will read, as they read it.
+
+    A bad file is bad input, like a bad config: it stops the run before a run directory exists or
+    Ray starts, with a :class:`DataError` naming the file (and line). The stages read the files
+    again; a second read of a local file costs seconds at most, next to minutes of stages. Hub
+    datasets are left to the stages (a download is not a check).
+
+    Raises:
+        DataError: for a malformed row (under ``data.on_bad_row: raise``), an unreadable file, or
+            a file that gives no records.
+    """
+    from ray_fedit.config import DataSourceConfig
+    from ray_fedit.data.loaders import OnBadRow, load_source
+    from ray_fedit.evaluation.helpfulness import load_mt_bench
+
+    policy = cfg.data.on_bad_row
+    reads: list[tuple[DataSourceConfig, OnBadRow]] = []  # with the policy the stage reads it with
+    if "prepare" in stages:
+        reads += [(s, policy) for s in cfg.data.benign]
+        if cfg.data.aligned_fraction > 0:
+            reads += [(s, policy) for s in cfg.data.aligned]
+        if cfg.num_malicious > 0:
+            reads.append((cfg.attack.data, policy))
+        if cfg.evaluation.benign is not None and cfg.evaluation.num_benign_prompts > 0:
+            reads.append((cfg.evaluation.benign, policy))
+    if "prepare" in stages or "defend" in stages:
+        reads += [(s, "raise") for s in cfg.generation.harmful_sources]
+    if "defend" in stages and cfg.defense.level == 1:
+        reads += [(s, "raise") for s in cfg.defense.public]
+    evaluates = any(s.startswith("evaluate") for s in stages)
+    if "prepare" in stages or evaluates:  # prepare checks training data against the benchmarks
+        reads += [(b.source, "raise") for b in cfg.evaluation.benchmarks if b.source is not None]
+    for src, on_bad_row in reads:
+        if src.kind in _FILE_KINDS:
+            load_source(src, on_bad_row)
+    mt_bench = cfg.evaluation.mt_bench
+    if evaluates and mt_bench is not None and mt_bench.kind in _FILE_KINDS:
+        load_mt_bench(mt_bench)
+
+
 def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
                  run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Run the selected stages; return ``{"run_dir", "metrics"}`` (metrics by stage label).
 
     Raises:
         ConfigError: for unknown stages or a stage whose inputs were never produced.
+        DataError: for a bad local data file, before the run directory is created or Ray starts.
         CheckpointError: when resuming a directory written for another config.
     """
     chosen = selected_stages(cfg, stages)
-    if run_dir is None:
+    existing = None if run_dir is None else RunDir(Path(run_dir))
+    done = {} if existing is None else load_done(existing, cfg)
+    check_data_files(cfg, [s for s in chosen if s not in done])
+    if existing is None:
         run = RunDir.create(cfg)
         write_manifest(run, cfg, stages=chosen)
     else:
-        run = RunDir(Path(run_dir))
-    done = load_done(run, cfg)
+        run = existing
     print(f"run directory: {run.root}", flush=True)
     ensure_ray()
     progress = Progress(chosen)
@@ -506,13 +554,74 @@ def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str
     print(json.dumps(data.stats, indent=2, default=str))
 
 
-def evaluate_command(cfg: RunConfig, *, adapter: str | None, out: str | None) -> None:
-    from ray_fedit.evaluation import evaluate_adapter
+HELDOUT_FILE = "heldout_benign.parquet"
 
-    ensure_ray()
+
+def evaluate_command(cfg: RunConfig, *, adapter: str | None, out: str | None,
+                     overwrite: bool = False, resume: str | None = None) -> Path:
+    """``ray-fedit evaluate``: evaluate ``adapter`` (None: the base model) into a directory of its own.
+
+    By default the directory is new, ``<output.root>/eval/<adapter name>/<timestamp>`` (``-2``, ...
+    when taken), so no evaluation overwrites another. ``out`` names it instead; a non-empty one is
+    refused unless ``overwrite`` (this evaluation's files replace theirs; other files stay).
+    ``resume`` names the directory of an evaluation that failed after generating (a judge down, an
+    OOM): its saved responses and held-out benign records are judged without calling the engine.
+    The directory is printed before the evaluation starts, so a failed one can be resumed.
+
+    Returns:
+        The directory the results went to.
+
+    Raises:
+        ConfigError: for a non-empty ``out`` without ``overwrite``, ``resume`` with ``out`` or
+            ``overwrite``, or a ``resume`` directory without saved responses; all before Ray starts.
+    """
+    from ray_fedit.evaluation import evaluate_adapter
+    from ray_fedit.evaluation.runner import RESPONSES_FILE
+
     label = Path(adapter).name if adapter else "base"
-    out_dir = Path(out) if out else Path(cfg.output.root) / "eval" / label
-    benign = _heldout_benign(cfg)
+    out_dir: Path | None = None
+    if resume is not None:
+        if out is not None or overwrite:
+            raise ConfigError("--resume DIR continues DIR; drop --out and --overwrite")
+        out_dir = Path(resume)
+        if not (out_dir / RESPONSES_FILE).is_file():
+            raise ConfigError(f"--resume {out_dir}: no {RESPONSES_FILE} there, so no responses to "
+                              "judge; evaluate without --resume")
+    elif out is not None:
+        out_dir = Path(out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir} is a file; name a directory")
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+            raise ConfigError(f"--out {out_dir} exists and is not empty; pass --overwrite to write "
+                              f"this evaluation over it, --resume {out_dir} to finish the one there, "
+                              "or name another directory")
+    check_data_files(cfg, ["evaluate"])
+    ensure_ray()
+    if resume is not None and (Path(resume) / HELDOUT_FILE).is_file():
+        target = Path(resume)
+        benign = from_rows(_read_records(target / HELDOUT_FILE))
+    else:
+        benign = _heldout_benign(cfg)
+        target = out_dir or _fresh_dir(Path(cfg.output.root) / "eval" / label)
+        _save_records(target / HELDOUT_FILE, benign)
+    print(f"evaluation directory: {target}", flush=True)
     metrics = evaluate_adapter(cfg, stage=label, adapter_dir=Path(adapter) if adapter else None,
-                               out_dir=out_dir, benign_records=benign)
-    print(f"{label}: {headline(metrics)}\nwritten to {out_dir}")
+                               out_dir=target, benign_records=benign, resume=resume is not None)
+    print(f"{label}: {headline(metrics)}\nwritten to {target}")
+    return target
+
+
+def _fresh_dir(parent: Path) -> Path:
+    """Create and return ``parent/<timestamp>``, or ``<timestamp>-2``, ... when that is taken."""
+    from datetime import datetime
+    from itertools import count
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in count(1):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")

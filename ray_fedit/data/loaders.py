@@ -2,7 +2,9 @@
 
 Every loader returns records of the one schema (:mod:`ray_fedit.data.schema`). A malformed row (missing
 field, wrong type, bad encoding) raises a :class:`DataError` naming ``file:line``, or, with
-``on_bad_row="skip"``, is dropped and counted in the returned :class:`LoadResult`.
+``on_bad_row="skip"``, is dropped and counted in the returned :class:`LoadResult`. A file that cannot
+be read at all (not parquet, a CSV the csv module rejects, no permission) and a source that gives no
+records raise a :class:`DataError` naming the file too.
 
 Package benchmarks are registered by name in ``DATASETS``; they read data files only and never import
 the packages that carry them (their imports are heavy and unused).
@@ -168,7 +170,15 @@ def _csv_rows(path: Path, bad: list[str], on_bad_row: OnBadRow
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit(); no resync after one
+            # DictReader.line_num is only updated after a good row; its reader's is the bad line.
+            raise DataError(f"{path}:{reader.reader.line_num}: not a readable CSV row ({e})"
+                            ) from None
         where = f"{path}:{reader.line_num}"
         if None in row or any(v is None for v in row.values()):
             n_fields = sum(v is not None for k, v in row.items() if k is not None)
@@ -182,9 +192,15 @@ def _csv_rows(path: Path, bad: list[str], on_bad_row: OnBadRow
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e}); check the path and kind, or "
+                        "rewrite it with pyarrow.parquet.write_table") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
         yield f"{path}:row {i}", row
 
 
@@ -197,7 +213,10 @@ def load_file(src: DataSourceConfig, on_bad_row: OnBadRow = "raise") -> LoadResu
     rows = {"jsonl": lambda: _jsonl_rows(path, bad, on_bad_row),
             "csv": lambda: _csv_rows(path, bad, on_bad_row),
             "parquet": lambda: _parquet_rows(path)}[src.kind]()
-    result = records_from_rows(rows, src, on_bad_row)
+    try:
+        result = records_from_rows(rows, src, on_bad_row)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     result.skipped[:0] = bad
     return result
 
@@ -325,7 +344,8 @@ def load_source(src: DataSourceConfig, on_bad_row: OnBadRow = "raise") -> LoadRe
     """Load any non-generated data source.
 
     Raises:
-        DataError: for unreadable files and rows, or for ``kind: generated`` (the pipeline makes those).
+        DataError: for unreadable files and rows, for a source that gives no records (an empty
+            file, every row skipped), or for ``kind: generated`` (the pipeline makes those).
     """
     if src.kind in ("jsonl", "csv", "parquet"):
         result = load_file(src, on_bad_row)
@@ -336,6 +356,16 @@ def load_source(src: DataSourceConfig, on_bad_row: OnBadRow = "raise") -> LoadRe
     else:
         raise DataError(f"data source kind 'generated' ({src.path!r}) is produced by the "
                         "generation pipeline, not loaded")
+    if not result.records:
+        where = f"{src.path}[{src.split}]" if src.kind == "hub" else src.path
+        if result.skipped:
+            why = (f"{len(result.skipped)} malformed rows skipped; first: {result.skipped[0]}")
+        elif src.preset != "plain":
+            why = f"preset {src.preset} kept none of its rows"
+        else:
+            why = "it holds no rows"
+        raise DataError(f"{where}: no records ({why}); a data source must give at least one "
+                        "record: add rows, fix the fields, or remove the source")
     if result.skipped:
         log.warning("%s: skipped %d malformed rows (first: %s)", src.path, len(result.skipped),
                     result.skipped[0])

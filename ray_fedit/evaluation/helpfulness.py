@@ -74,20 +74,30 @@ def load_mt_bench(src: DataSourceConfig) -> list[dict[str, Any]]:
     list value gives its first turn, a string value is used as is.
 
     Raises:
-        DataError: for a missing file, a bad line, or a row without the instruction field.
+        DataError: for a missing or empty file, a bad line, or a row without the instruction
+            field.
     """
     if src.kind == "jsonl":
         path = Path(src.path)
         if not path.is_file():
             raise DataError(f"MT-Bench questions file {str(path)!r} does not exist")
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for i, raw in enumerate(path.read_bytes().splitlines(), start=1):
             try:
-                rows.append((f"{path}:{i}", json.loads(line)))
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"{path}:{i}", row))
+        if not rows:
+            raise DataError(f"{path}: no MT-Bench questions (the file holds no rows); point "
+                            "evaluation.mt_bench.path at FastChat's question.jsonl")
     elif src.kind == "hub":
         import datasets
 

@@ -3,6 +3,9 @@
 :func:`evaluate_adapter` is the entry point of the ``evaluate`` stage, of ``ray-fedit evaluate``,
 and of evaluation every N rounds (:class:`RoundEvaluator`). It writes, under ``out_dir``:
 
+- ``responses.parquet``, first, before any judge runs: one row per response, ``set`` (benchmark,
+  ``benign`` or ``mt_bench``), ``prompt``, ``temperature``, ``response`` and generation stats, with a
+  fingerprint of what produced them; ``resume=True`` judges these instead of generating again;
 - ``<benchmark>.parquet``: one row per prompt: ``prompt``, ``response``, ``category``, ``id``,
   generation stats, and per judge ``<judge>_<field>`` (``rule_safe``, ``reward_model_score``, ...);
 - ``benign.parquet`` (when there are benign records): ``prompt``, ``reference``, ``response``,
@@ -19,6 +22,8 @@ the run seed and the benchmark and judge names, so a rerun reproduces the interv
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import zlib
@@ -30,6 +35,7 @@ import numpy as np
 
 from ray_fedit.config import RunConfig
 from ray_fedit.data.schema import Record
+from ray_fedit.errors import CheckpointError
 from ray_fedit.evaluation.benchmarks import (
     benchmark_name,
     category_of,
@@ -42,6 +48,7 @@ from ray_fedit.rundir import write_json_atomic
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+RESPONSES_FILE = "responses.parquet"
 SCHEMA_VERSION = 1
 
 
@@ -113,8 +120,10 @@ _BOOL_FIELDS = ("safe", "refusal")
 _FLOAT_FIELDS = ("score", "nll")
 
 
-def _write_parquet(path: Path, columns: dict[str, list[Any]]) -> None:
-    """Write columns atomically; verdict columns keep their type even when every value is None."""
+def _write_parquet(path: Path, columns: dict[str, list[Any]],
+                   metadata: dict[str, str] | None = None) -> None:
+    """Write columns (and schema metadata) atomically; verdict columns keep their type even when
+    every value is None."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -129,8 +138,71 @@ def _write_parquet(path: Path, columns: dict[str, list[Any]]) -> None:
         else:
             arrays[name] = pa.array(values)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(arrays), tmp)
+    pq.write_table(pa.table(arrays, metadata=metadata), tmp)
     tmp.replace(path)
+
+
+def _responses_fingerprint(cfg: RunConfig, adapter_dir: Path | None) -> str:
+    """What responses depend on besides their prompts: the model and generation sections, the
+    template, the seed and the adapter's files (their bytes, not their path)."""
+    h = hashlib.sha256(json.dumps({
+        "model": cfg.model.model_dump(mode="json"),
+        "generation": cfg.generation.model_dump(mode="json"),
+        "template": cfg.data.template, "seed": cfg.seed}, sort_keys=True).encode())
+    if adapter_dir is not None:
+        for f in sorted(adapter_dir.glob("adapter_*")):  # PEFT's adapter_config + adapter_model
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _responses(cfg: RunConfig, adapter_dir: Path | None, jobs: list[tuple[str, float | None]],
+               sets: list[str], out_dir: Path, *, resume: bool) -> tuple[list[dict[str, Any]], bool]:
+    """Every job's response, and whether they were read back rather than generated.
+
+    Generated responses go to ``out_dir/responses.parquet`` before any judge runs, so a judge that
+    fails loses none of them. With ``resume`` and that file present, they are read back instead,
+    after checking that they answer the same prompts with the same model, generation setup, seed
+    and adapter.
+
+    Raises:
+        CheckpointError: with ``resume``, when the saved responses belong to another evaluation.
+    """
+    import pyarrow.parquet as pq
+
+    path = out_dir / RESPONSES_FILE
+    fingerprint = _responses_fingerprint(cfg, adapter_dir)
+    keys = [(s, prompt, cfg.generation.temperature if temp is None else temp)
+            for s, (prompt, temp) in zip(sets, jobs, strict=True)]
+    if resume and path.is_file():
+        table = pq.read_table(path)
+        saved_fingerprint = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
+        if saved_fingerprint != fingerprint:
+            raise CheckpointError(
+                f"{path} holds responses of another model, generation setup, seed or adapter "
+                f"(fingerprint {saved_fingerprint or 'none'} != {fingerprint}); evaluate into a "
+                "fresh directory, or delete the file to generate again")
+        rows = table.to_pylist()
+        saved = [(r["set"], r["prompt"], r["temperature"]) for r in rows]
+        if saved != keys:
+            first = next((i for i, (a, b) in enumerate(zip(saved, keys, strict=False))
+                          if a != b), min(len(saved), len(keys)))
+            raise CheckpointError(
+                f"{path} holds responses to other prompts ({len(saved)} saved, {len(keys)} now; "
+                f"first difference at row {first}): the benchmarks, subsets or benign records "
+                "changed; evaluate into a fresh directory, or delete the file to generate again")
+        log.info("evaluation: %d responses read back from %s", len(rows), path)
+        return rows, True
+    generated = _generate_all(cfg, adapter_dir, jobs)
+    _write_parquet(path, {
+        "set": sets, "prompt": [k[1] for k in keys], "temperature": [k[2] for k in keys],
+        "response": [g["response"] for g in generated],
+        "num_generated_tokens": [g.get("num_generated_tokens") for g in generated],
+        "finish_reason": [g.get("finish_reason") for g in generated],
+    }, metadata={"fingerprint": fingerprint})
+    return generated, False
 
 
 def _load_benchmarks(cfg: RunConfig) -> list[tuple[str, Any, list[Record], int]]:
@@ -138,7 +210,8 @@ def _load_benchmarks(cfg: RunConfig) -> list[tuple[str, Any, list[Record], int]]
     out: list[tuple[str, Any, list[Record], int]] = []
     for bench in cfg.evaluation.benchmarks:
         name = benchmark_name(bench)
-        if name in [o[0] for o in out] or name in ("benign", "mt_bench", "metrics"):
+        if name in [o[0] for o in out] or name in ("benign", "mt_bench", "metrics", "responses",
+                                                   "heldout_benign"):
             raise ValueError(f"evaluation.benchmarks: two benchmarks (or a reserved file) named "
                              f"{name!r}; give custom sources distinct 'source' labels")
         out.append((name, bench, *load_benchmark(bench, default_seed=cfg.seed)))
@@ -146,12 +219,14 @@ def _load_benchmarks(cfg: RunConfig) -> list[tuple[str, Any, list[Record], int]]
 
 
 def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, out_dir: Path,
-                     benign_records: list[Record] | None = None) -> dict[str, Any]:
+                     benign_records: list[Record] | None = None,
+                     resume: bool = False) -> dict[str, Any]:
     """Evaluate the base model plus ``adapter_dir`` (None: the base model alone).
 
     Steps: load the prompts (benchmarks, benign, MT-Bench); generate every response (one engine
-    pass per sampling temperature); start one Ray task for the model judges and the response NLL;
-    run the in-process judges (rule, HTTP) and the MT-Bench grading meanwhile; summarise; write.
+    pass per sampling temperature) and write them to ``responses.parquet``; start one Ray task for
+    the model judges and the response NLL; run the in-process judges (rule, HTTP) and the MT-Bench
+    grading meanwhile; summarise; write.
 
     Args:
         cfg: the run config (``evaluation``, ``generation``, ``model``, ``data.template``,
@@ -161,12 +236,16 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
         out_dir: where the parquet files and ``metrics.json`` go (usually ``RunDir.eval(stage)``).
         benign_records: held-out benign (instruction, response) records for over-refusal and NLL;
             None reads ``evaluation.benign`` if set, else skips those metrics.
+        resume: judge the responses already in ``out_dir/responses.parquet`` (left there by an
+            evaluation that failed after generating) instead of generating them again.
 
     Returns:
         The metrics dict, also written to ``out_dir/metrics.json``.
 
     Raises:
         ValueError: for two benchmarks with the same name.
+        CheckpointError: with ``resume``, for saved responses of another model, generation setup,
+            seed, adapter or set of prompts.
     """
     import ray
 
@@ -198,7 +277,9 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
     jobs += [(r["instruction"], None) for r in benign]
     # FastChat's per-category answer temperatures (the paper's MT-Bench runs); 0.7 otherwise.
     jobs += [(q["instruction"], CATEGORY_TEMPERATURE.get(q["category"], 0.7)) for q in questions]
-    generated = _generate_all(cfg, adapter_dir, jobs)
+    sets = ([name for name, _, recs, _ in benches for _ in recs] + ["benign"] * len(benign)
+            + ["mt_bench"] * len(questions))
+    generated, reused = _responses(cfg, adapter_dir, jobs, sets, out_dir, resume=resume)
     timing["generate"] = time.perf_counter() - clock
 
     # ---- judges and scorers: one Ray task for the model work, in-process work meanwhile ----
@@ -293,6 +374,7 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
         "confidence": ev.confidence,
         "safety": safety,
         "helpfulness": helpfulness,
+        "responses_reused": reused,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
     write_json_atomic(out_dir / METRICS_FILE, metrics)

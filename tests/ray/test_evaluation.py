@@ -4,7 +4,7 @@ One ``evaluate_adapter`` call covers every path: 3 AdvBench prompts generated wi
 and a LoRA adapter; the rule judge, the reward model (a tiny random classifier built here), the
 judge model engine path (the tiny random model, whose outputs are unparseable), and the HTTP LLM
 judge; the benign over-refusal rate and response NLL; and MT-1 against a local judge server
-(127.0.0.1 only).
+(127.0.0.1 only). A rerun with ``resume`` then judges the saved responses without an engine pass.
 """
 
 from __future__ import annotations
@@ -165,3 +165,15 @@ def test_evaluate_adapter_end_to_end(ray_session, tmp_path, judge_url, monkeypat
     mt_rows = pq.read_table(out_dir / "mt_bench.parquet").to_pylist()
     assert [r["prompt"] for r in mt_rows] == ["List the nouns in: the rain.",
                                               "List the nouns in: a cold snow."]
+
+    # responses were saved before judging; a rerun with resume judges them again without an
+    # engine pass (hf responses read back from parquet), to the same metrics
+    saved = pq.read_table(out_dir / "responses.parquet").to_pylist()
+    assert [r["set"] for r in saved] == ["advbench"] * 3 + ["benign"] * 3 + ["mt_bench"] * 2
+    assert [r["response"] for r in saved[:3]] == [r["response"] for r in rows]
+    again = evaluate_adapter(cfg, stage="global", adapter_dir=adapter, out_dir=out_dir,
+                             benign_records=benign, resume=True)
+    assert passes == [3 + 3 + 2] and again["responses_reused"] and not metrics["responses_reused"]
+    volatile = ("timing_s", "responses_reused")
+    assert ({k: v for k, v in again.items() if k not in volatile}
+            == {k: v for k, v in metrics.items() if k not in volatile})
