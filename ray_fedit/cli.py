@@ -61,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables and plots of a run or sweep directory")
     rep.add_argument("directory")
 
+    exp = sub.add_parser("export", help="a run's adapter as a PEFT directory, or merged into a "
+                         "standalone transformers model (--merge)")
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("dest", metavar="DEST", help="new or empty output directory")
+    exp.add_argument("--stage", default="defended", choices=["attacked", "no_attack", "defended"],
+                     help="which adapter (default: defended)")
+    exp.add_argument("--merge", action="store_true", help="merge the LoRA delta into the base "
+                     "model's weights (safetensors, tokenizer and chat template included)")
+
     doc = sub.add_parser("doctor", help="versions, devices, Ray resources, offline assets")
     doc.add_argument("--address", help="Ray cluster to inspect (default: start a local one)")
     doc.add_argument("--no-ray", action="store_true", help="skip starting Ray")
@@ -147,6 +156,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _load(args.config, args.overrides)
         evaluate_command(cfg, adapter=args.adapter, out=args.out, overwrite=args.overwrite,
                          resume=args.resume)
+        return 0
+    if args.command == "export":
+        from ray_fedit.export import export_adapter
+
+        dest = export_adapter(Path(args.run_dir), Path(args.dest), stage=args.stage,
+                              merge=args.merge)
+        print(f"{'merged model' if args.merge else 'adapter'} ({args.stage}) written to {dest}")
         return 0
     if args.command == "report":
         from ray_fedit.report import write_report
