@@ -11,7 +11,8 @@ from ray_fedit.federation import run_federation
 from ray_fedit.federation.sampling import sample_clients
 from tests.ray.test_federation import config, make_clients, read_rounds
 
-ONE = ("resources.num_workers=1", "federation.rounds=3", "federation.checkpoint_every=1")
+ONE = ("resources.num_workers=1", "federation.rounds=3", "federation.checkpoint_every=1",
+       "federation.local_steps=1")
 
 
 @pytest.mark.parametrize("rule", [
