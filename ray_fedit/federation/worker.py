@@ -71,6 +71,8 @@ class TrainerWorker:
         self.cfg = cfg
         self.index = worker_index
         self._set_threads()
+        # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: a few kernels (mostly CUDA) have no deterministic variant; warn, not fail.
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = worker_device(cfg)
