@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ray_fedit.errors import ConfigError, DataError, RayFeditError
+from ray_fedit.errors import ConfigError, DataError, RayFeditError, RunFailed, root_cause
 
 EXIT_CONFIG = 2
 
@@ -95,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _show_progress_logs()
     try:
         return _dispatch(args)
+    except RunFailed as e:
+        # One line: the cause, the full log, and how to continue. The traceback is in the log.
+        print(f"ray-fedit: {e}; full log: {e.log}; continue with: ray-fedit run --resume "
+              f"{e.run_dir}", file=sys.stderr)
+        cause = root_cause(e.cause)
+        if isinstance(cause, KeyboardInterrupt):
+            return 130
+        return EXIT_CONFIG if isinstance(cause, (ConfigError, DataError)) else 1
     except ConfigError as e:
         print(f"ray-fedit: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class RayFeditError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -25,3 +27,34 @@ class ClientFailure(RayFeditError):
 
 class CheckpointError(RayFeditError):
     """A checkpoint that is corrupted or belongs to another config."""
+
+
+class RunFailed(RayFeditError):
+    """A stage of a run failed; the run directory keeps the full traceback and can be resumed.
+
+    Attributes:
+        stage: the stage that failed.
+        cause: the exception it raised (a Ray task error is unwrapped to its cause).
+        run_dir: the run directory (``ray-fedit run --resume RUN_DIR`` continues it).
+        log: the file holding the full traceback.
+    """
+
+    def __init__(self, stage: str, cause: BaseException, run_dir: Path, log: Path) -> None:
+        self.stage, self.cause, self.run_dir, self.log = stage, cause, run_dir, log
+        super().__init__(f"stage {stage} failed: {one_line(cause)}")
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The user's exception behind Ray's wrappers (``RayTaskError.cause``, chained)."""
+    seen = set()
+    while getattr(e, "cause", None) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.cause  # type: ignore[attr-defined]
+    return e
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: message`` on one line: the exception's first non-empty message line."""
+    e = root_cause(e)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"[:400]

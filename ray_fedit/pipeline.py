@@ -26,7 +26,7 @@ from typing import Any
 
 from ray_fedit.config import RunConfig, load_config
 from ray_fedit.data.schema import Record, from_rows, to_table
-from ray_fedit.errors import CheckpointError, ConfigError
+from ray_fedit.errors import CheckpointError, ConfigError, RunFailed
 from ray_fedit.rundir import RunDir, config_hash, update_manifest, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
@@ -424,6 +424,8 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
         ConfigError: for unknown stages or a stage whose inputs were never produced.
         DataError: for a bad local data file, before the run directory is created or Ray starts.
         CheckpointError: when resuming a directory written for another config.
+        RunFailed: when a stage fails (or is interrupted); its traceback is in
+            ``<run_dir>/logs/error.log`` and ``ray-fedit run --resume <run_dir>`` continues it.
     """
     chosen = selected_stages(cfg, stages)
     existing = None if run_dir is None else RunDir(Path(run_dir))
@@ -446,7 +448,11 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
             raise ConfigError(f"stage {stage!r} needs {missing} first; run them (or all stages)")
         t0 = progress.begin(i, stage)
         fn = STAGE_FNS[stage]
-        outputs = fn(cfg, run, done, resume=resume) if stage == "federate" else fn(cfg, run, done)
+        try:
+            outputs = (fn(cfg, run, done, resume=resume) if stage == "federate"
+                       else fn(cfg, run, done))
+        except (Exception, KeyboardInterrupt) as e:
+            raise RunFailed(stage, e, run.root, _log_failure(run, stage, e)) from e
         write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
                                                 "seconds": round(time.perf_counter() - t0, 1)})
         done[stage] = outputs
@@ -455,6 +461,18 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     if metrics:
         print("\n" + summary_table(metrics), flush=True)
     return {"run_dir": str(run.root), "metrics": {k: flat_headline(v) for k, v in metrics.items()}}
+
+
+def _log_failure(run: RunDir, stage: str, e: BaseException) -> Path:
+    """Append the failure's full traceback to ``<run>/logs/error.log``; return that path."""
+    import traceback
+
+    log = run.root / "logs" / "error.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage} failed\n")
+        f.write("".join(traceback.format_exception(e)))
+    return log
 
 
 def _needs(stage: str) -> set[str]:

@@ -81,3 +81,29 @@ def test_load_time_input_errors_exit_2_one_line_each_and_no_ray(tmp_path):
         assert len(lines) == len(expected), lines
         for line, start in zip(lines, expected, strict=True):
             assert line.startswith(start), (line, start)
+
+
+def test_a_failed_stage_ends_with_one_line_its_log_and_the_resume_command(tmp_path, monkeypatch,
+                                                                           capsys):
+    """A stage raising inside a Ray task: no traceback on the terminal, the cause on one line, the
+    full traceback in RUN_DIR/logs/error.log, and the exact resume command."""
+    from ray.exceptions import RayTaskError
+
+    from ray_fedit import pipeline
+    from ray_fedit.cli import main
+    from ray_fedit.errors import ClientFailure
+
+    def failing_prepare(cfg, run, done):
+        cause = ClientFailure("round 3: client 1 failed on worker 0\nmore detail")
+        raise RayTaskError("run", "Traceback (most recent call last):\n  ...", cause) from cause
+
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    monkeypatch.setitem(pipeline.STAGE_FNS, "prepare", failing_prepare)
+    code = main(["run", "tests/assets/tiny_run.yaml", f"output.root={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    run_dir = next(tmp_path.glob("*/*"))
+    assert err[0] == (f"ray-fedit: stage prepare failed: ClientFailure: round 3: client 1 failed "
+                      f"on worker 0; full log: {run_dir}/logs/error.log; continue with: ray-fedit "
+                      f"run --resume {run_dir}")
+    assert "Traceback" in (run_dir / "logs" / "error.log").read_text()
