@@ -82,8 +82,10 @@ def ensure_ray() -> None:
     """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
     start a private local instance; quiet Ray Data's per-dataset progress logs.
 
-    A private local instance starts without the dashboard (2-3 s less of ``ray.init`` on 2 cores);
-    ``RAY_FEDIT_DASHBOARD=1`` asks for it.
+    A private local instance starts with the dashboard: Ray Train's placement-group cleaner (the
+    defense stage) queries the state API it serves, and without it logs a warning every few
+    seconds. ``RAY_FEDIT_DASHBOARD=0`` starts without it (2-3 s less of ``ray.init`` on 2 cores)
+    for runs without the defense stage.
     """
     import os
 
@@ -91,7 +93,7 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        extra = ({"include_dashboard": os.environ.get("RAY_FEDIT_DASHBOARD") == "1"}
+        extra = ({"include_dashboard": os.environ.get("RAY_FEDIT_DASHBOARD", "1") != "0"}
                  if address == "local" else {})
         ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
