@@ -366,6 +366,8 @@ class EvaluationConfig(Section):
     judges: list[str] = Field(default_factory=lambda: ["rule"], min_length=1)
     judge_model: str | None = Field(None, description="MD-Judge / Llama Guard model for judge_model")
     judge_format: Literal["md_judge", "llama_guard"] = "md_judge"
+    probe_model: str = Field(BUNDLED_MODEL, description="feature model of the probe judge (a "
+                             "refusal classifier fit on human labels; docs/evaluation.md)")
     reward_model: str = "OpenAssistant/reward-model-deberta-v3-large-v2"
     include_base: bool = Field(False, description="also evaluate the base model without any "
                                "adapter (a reference row)")

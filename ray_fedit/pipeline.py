@@ -27,12 +27,21 @@ from typing import Any
 from ray_fedit.config import RunConfig, load_config
 from ray_fedit.data.schema import Record, from_rows, to_table
 from ray_fedit.errors import CheckpointError, ConfigError, RunFailed
+from ray_fedit.evaluation.paired import paired_effects
+from ray_fedit.evaluation.summary import (
+    ATTACKED,
+    DEFENDED,
+    NO_ATTACK,
+    collect_metrics,
+    flat_headline,
+    headline,
+    summary_table,
+)
 from ray_fedit.rundir import RunDir, config_hash, update_manifest, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "federate", "evaluate", "defend", "evaluate_defended", "report")
-ATTACKED, NO_ATTACK, DEFENDED = "attacked", "no_attack", "defended"
 
 
 # ------------------------------------------------------------------------------------- progress
@@ -459,9 +468,9 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
                                                 "seconds": round(time.perf_counter() - t0, 1)})
         done[stage] = outputs
         progress.end(i, stage, t0)
-    metrics = collect_metrics(run)
+    metrics = collect_metrics(run.root / "eval")
     if metrics:
-        print("\n" + summary_table(metrics), flush=True)
+        print("\n" + summary_table(metrics, paired_effects(run.root / "eval")), flush=True)
     return {"run_dir": str(run.root), "metrics": {k: flat_headline(v) for k, v in metrics.items()}}
 
 
@@ -496,74 +505,6 @@ def resume_run(run_dir: Path, stages: Sequence[str] | None = None) -> dict[str, 
 
 
 # -------------------------------------------------------------------------------------- metrics
-def collect_metrics(run: RunDir) -> dict[str, dict[str, Any]]:
-    """metrics.json of each evaluated stage (no_attack, attacked, defended, ...) by label."""
-    out = {}
-    root = run.root / "eval"
-    if root.is_dir():
-        for path in sorted(root.glob("*/metrics.json")):
-            out[path.parent.name] = json.loads(path.read_text())
-    return out
-
-
-def _first_safety(metrics: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
-    """(benchmark, judge, rate block) of the first judge that gives a safety rate."""
-    for bench, per_bench in metrics.get("safety", {}).items():
-        for judge, block in per_bench.get("judges", {}).items():
-            if block.get("rate") is not None:
-                return bench, judge, block
-    return None
-
-
-def headline(metrics: dict[str, Any]) -> str:
-    first = _first_safety(metrics)
-    parts = []
-    if first:
-        bench, judge, block = first
-        rate = block
-        parts.append(f"{bench} safety ({judge}) {100 * rate['rate']:.1f}% "
-                     f"[{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}] n={rate['n']}")
-    benign = metrics.get("helpfulness", {}).get("benign")
-    if benign:
-        parts.append(f"benign refusal {100 * benign['refusal_rate']['rate']:.1f}%")
-        if "response_nll" in benign:
-            parts.append(f"benign NLL {benign['response_nll']['mean']:.3f}")
-    return "; ".join(parts)
-
-
-def flat_headline(metrics: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    first = _first_safety(metrics)
-    if first:
-        out["safety_rate"] = first[2]["rate"]
-    benign = metrics.get("helpfulness", {}).get("benign")
-    if benign:
-        out["benign_refusal_rate"] = benign["refusal_rate"]["rate"]
-        if "response_nll" in benign:
-            out["benign_nll"] = benign["response_nll"]["mean"]
-    return out
-
-
-def summary_table(metrics: dict[str, dict[str, Any]]) -> str:
-    order = ["base", NO_ATTACK, ATTACKED, DEFENDED]
-    labels = {"base": "base model (no FedIT)", NO_ATTACK: "FedIT, no attack",
-              ATTACKED: "FedIT under attack", DEFENDED: "attacked + post-hoc defense"}
-    rows = [s for s in order if s in metrics] + sorted(s for s in metrics if s not in order)
-    lines = [f"{'':32} {'safety rate [95% CI]':>26} {'benign refusal':>15} {'benign NLL':>11}"]
-    for s in rows:
-        m = metrics[s]
-        first = _first_safety(m)
-        safety = "-"
-        if first:
-            r = first[2]
-            safety = f"{100 * r['rate']:5.1f}% [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]"
-        benign = m.get("helpfulness", {}).get("benign") or {}
-        refusal = f"{100 * benign['refusal_rate']['rate']:.1f}%" if benign else "-"
-        nll = f"{benign['response_nll']['mean']:.3f}" if "response_nll" in benign else "-"
-        lines.append(f"{labels.get(s, s):32} {safety:>26} {refusal:>15} {nll:>11}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------- generate / evaluate
 def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str | None) -> None:
     from ray_fedit.generation import generate_dataset

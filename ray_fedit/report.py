@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from ray_fedit.errors import DataError
+from ray_fedit.evaluation.paired import find_effect, paired_effects
 
 REPORT_DIR = "report"
 RUN_MARKER = "resolved_config.yaml"
@@ -50,7 +51,8 @@ AGGREGATOR_LABELS = {
     "bulyan": "Bulyan", "geometric_median": "Geometric median",
     "centered_clipping": "Centered clipping", "norm_clip": "Norm clipping",
 }
-JUDGE_LABELS = {"rule": "Rule", "reward_model": "RM", "llm_judge_http": "LLM-judge refusal"}
+JUDGE_LABELS = {"rule": "Rule", "reward_model": "RM", "llm_judge_http": "LLM-judge refusal",
+                "probe": "Probe"}
 
 BENIGN_COLOR, MALICIOUS_COLOR = "tab:blue", "tab:red"
 RC = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
@@ -188,6 +190,7 @@ def metric_columns(metrics: Iterable[Mapping[str, Any]], config: Mapping[str, An
     """
     cols: dict[str, Column] = {}
     helpful: dict[str, Column] = {}
+    diversity: dict[str, Column] = {}
     for m in metrics:
         for bench, per_bench in (m.get("safety") or {}).items():
             for judge, block in ((per_bench or {}).get("judges") or {}).items():
@@ -203,11 +206,20 @@ def metric_columns(metrics: Iterable[Mapping[str, Any]], config: Mapping[str, An
                              else f"{name} score ↑")
                     cols.setdefault(f"{bench}.{judge}.score", Column(
                         f"{bench}.{judge}.score", label, "score", (*base, "score"), "mean", False, 2))
+            if isinstance((per_bench or {}).get("diversity"), Mapping):
+                diversity.setdefault(f"{bench}.top_response_pct", Column(
+                    f"{bench}.top_response_pct", f"{bench} top response (%) ↓", "diversity",
+                    ("safety", bench, "diversity"), "top_share", True, 1))
         help_block = m.get("helpfulness") or {}
         if "refusal_rate" in (help_block.get("benign") or {}):
             helpful.setdefault("benign.refusal_pct", Column(
                 "benign.refusal_pct", "Benign refusal (%) ↓", "helpfulness",
                 ("helpfulness", "benign", "refusal_rate"), "rate", True, 1))
+        for judge in (help_block.get("benign") or {}).get("refusal_rate_by_judge") or {}:
+            helpful.setdefault(f"benign.{judge}.refusal_pct", Column(
+                f"benign.{judge}.refusal_pct", f"Benign refusal {judge_label(judge, config)} (%) ↓",
+                "helpfulness", ("helpfulness", "benign", "refusal_rate_by_judge", judge), "rate",
+                True, 1))
         if "response_nll" in (help_block.get("benign") or {}):
             helpful.setdefault("benign.nll", Column(
                 "benign.nll", "Benign NLL ↓", "helpfulness", ("helpfulness", "benign", "response_nll"),
@@ -215,8 +227,11 @@ def metric_columns(metrics: Iterable[Mapping[str, Any]], config: Mapping[str, An
         if isinstance(help_block.get("mt1"), Mapping):
             helpful.setdefault("mt1", Column("mt1", "MT-1 ↑", "helpfulness", ("helpfulness", "mt1"),
                                              "mean", False, 2))
-    order = ["benign.refusal_pct", "benign.nll", "mt1"]
-    return list(cols.values()) + [helpful[k] for k in order if k in helpful]
+    refusal = ["benign.refusal_pct"] + sorted(k for k in helpful if k.endswith(".refusal_pct")
+                                              and k != "benign.refusal_pct")
+    order = [*refusal, "benign.nll", "mt1"]
+    return (list(cols.values()) + [helpful[k] for k in order if k in helpful]
+            + list(diversity.values()))
 
 
 # ============================================================================ run directory
@@ -400,12 +415,26 @@ def _config_summary(run: RunData) -> list[str]:
     return [f"- {k}: {v}" for k, v in items]
 
 
-def _differences(run: RunData, cols: Sequence[Column]) -> list[str]:
-    """Attack effect (attacked - no attack) and defense gain (defended - attacked), in points."""
-    pairs = [("Attack effect (attacked − no attack)", "no_attack", "attacked"),
-             ("Defense gain (defended − attacked)", "attacked", "defended")]
+def _effect_of(col: Column, effects: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
+    """The paired effect behind a rate column (``advbench.probe.safe_pct``, ``benign.refusal_pct``)."""
+    parts = col.key.split(".")
+    if col.key == "benign.refusal_pct":
+        set_name, judge = "benign", "rule"
+    elif len(parts) == 3 and parts[2] in ("safe_pct", "refusal_pct"):
+        set_name, judge = parts[0], parts[1]
+    else:
+        return None
+    return find_effect(effects, name, set_name, judge)
+
+
+def _differences(run: RunData, cols: Sequence[Column],
+                 effects: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """Attack effect (attacked - no attack) and defense gain (defended - attacked), in points,
+    with the paired interval over the same prompts where the per-prompt verdicts are there."""
+    pairs = [("Attack effect (attacked − no attack)", "no_attack", "attacked", "attack"),
+             ("Defense gain (defended − attacked)", "attacked", "defended", "defense")]
     out = []
-    for title, a, b in pairs:
+    for title, a, b, name in pairs:
         if a not in run.metrics or b not in run.metrics:
             continue
         parts = []
@@ -413,8 +442,12 @@ def _differences(run: RunData, cols: Sequence[Column]) -> list[str]:
             sa, sb = c.get(run.metrics[a]), c.get(run.metrics[b])
             if sa is not None and sb is not None:
                 diff = c.scale(sb.value) - c.scale(sa.value)  # type: ignore[operator]
-                parts.append(f"{c.short} {diff:+.{c.digits}f}"
-                             f"{' points' if c.percent else ''}")
+                text = f"{c.short} {diff:+.{c.digits}f}{' points' if c.percent else ''}"
+                e = _effect_of(c, effects, name)
+                if e is not None and e["ci_low"] is not None:
+                    text += (f" [{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}] paired, "
+                             f"{e['changed']}/{e['n']} prompts changed")
+                parts.append(text)
         if parts:
             out.append(f"- {title}: " + "; ".join(parts))
     return out
@@ -496,7 +529,10 @@ def write_run_report(root: Path) -> list[Path]:
                "↑ higher is better, ↓ lower is better.", ""]
         md += _md_table(["Method", *(c.label for c in cols)],
                         [[label, *(c.cell(c.get(m)) for c in cols)] for _, label, m in main])
-        diffs = _differences(run, cols)
+        effects = paired_effects(root / "eval", samples=int(_dig(main[0][2], ("bootstrap_samples",))
+                                                            or 1000),
+                                 confidence=float(conf) if isinstance(conf, (int, float)) else 0.95)
+        diffs = _differences(run, cols, effects)
         if diffs:
             md += ["", *diffs]
         bad = [f"{label}: {c.short} {s.unparseable}" for _, label, m in main for c in cols
@@ -921,7 +957,7 @@ def _scalar_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 
 def run_dir_metrics(run_dir: Path) -> dict[str, float]:
     """``{"<stage>.<metric>": value}`` from a run's ``eval/*/metrics.json``, as the trials report them."""
-    from ray_fedit.pipeline import flat_headline  # the same flattening the sweep trials report
+    from ray_fedit.evaluation.summary import flat_headline  # what the sweep trials report
 
     out: dict[str, float] = {}
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):

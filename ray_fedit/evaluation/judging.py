@@ -122,7 +122,9 @@ def split_judges(cfg: RunConfig) -> tuple[list[str], list[str]]:
 
 
 def run_judges(names: list[str], cfg: RunConfig,
-               batches: dict[str, tuple[list[str], list[str]]]) -> dict[str, dict[str, list]]:
+               batches: dict[str, tuple[list[str], list[str]]],
+               refusal_batches: dict[str, tuple[list[str], list[str]]] | None = None,
+               ) -> dict[str, dict[str, list]]:
     """Run judges on several batches of pairs in this process, building each judge once.
 
     A model judge thus loads its weights once for every benchmark, and is released before the next
@@ -132,6 +134,8 @@ def run_judges(names: list[str], cfg: RunConfig,
         names: registered judge names.
         cfg: the run config.
         batches: ``{batch key (a benchmark name): (instructions, responses)}``.
+        refusal_batches: more batches (benign prompts) for the judges that tell refusals
+            (registered with ``refusal=True``) only; their keys must differ from ``batches``'.
 
     Returns:
         ``{batch key: {judge name: one output dict per pair}}``.
@@ -139,10 +143,12 @@ def run_judges(names: list[str], cfg: RunConfig,
     Raises:
         RuntimeError: if a judge returned a different number of rows than it was given.
     """
-    out: dict[str, dict[str, list]] = {key: {} for key in batches}
+    refusal_batches = refusal_batches or {}
+    out: dict[str, dict[str, list]] = {key: {} for key in (*batches, *refusal_batches)}
     for name in names:
         judge = build_judge(name, cfg)
-        for key, (instructions, responses) in batches.items():
+        mine = {**batches, **refusal_batches} if JUDGES.meta(name).get("refusal") else batches
+        for key, (instructions, responses) in mine.items():
             rows = judge(instructions, responses)
             if len(rows) != len(responses):
                 raise RuntimeError(f"judge {name!r} returned {len(rows)} rows for "

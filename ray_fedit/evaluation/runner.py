@@ -42,13 +42,20 @@ from ray_fedit.evaluation.benchmarks import (
     load_benchmark,
     select_subset,
 )
-from ray_fedit.evaluation.stats import by_category, mean_summary, rate_summary
+from ray_fedit.evaluation.stats import (
+    by_category,
+    judge_agreement,
+    mean_summary,
+    rate_summary,
+    response_diversity,
+)
 from ray_fedit.rundir import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 RESPONSES_FILE = "responses.parquet"
+BENIGN = "<benign>"  # the batch key of the benign prompts (no benchmark name has brackets)
 SCHEMA_VERSION = 1
 
 
@@ -292,6 +299,8 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
         offset += len(recs)
     benign_gen = generated[offset:offset + len(benign)]
     mt_gen = generated[offset + len(benign):]
+    refusal_batches = ({BENIGN: ([r["instruction"] for r in benign],
+                                 [g["response"] for g in benign_gen])} if benign else {})
     here, in_task = split_judges(cfg)
     nll_pairs = [(r["instruction"], r["response"]) for r in benign]
     if nll_pairs and not all(resp.strip() for _, resp in nll_pairs):
@@ -302,8 +311,9 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
         gpus = max(ev.judge_num_gpus if in_task else 0.0,
                    cfg.generation.gpus_per_actor if nll_pairs else 0.0)
         model_work = ray.remote(_model_work).options(num_cpus=1, num_gpus=gpus).remote(
-            cfg, in_task, batches, None if adapter_dir is None else str(adapter_dir), nll_pairs)
-    verdicts = run_judges(here, cfg, batches)
+            cfg, in_task, batches, None if adapter_dir is None else str(adapter_dir), nll_pairs,
+            refusal_batches)
+    verdicts = run_judges(here, cfg, batches, refusal_batches)
     helpfulness: dict[str, Any] = {}
     if questions:
         helpfulness["mt1"] = _mt_bench(cfg, questions, [g["response"] for g in mt_gen], out_dir)
@@ -311,7 +321,7 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
     if model_work is not None:
         task_verdicts, nll = ray.get(model_work)
         for key, by_judge in task_verdicts.items():
-            verdicts[key].update(by_judge)
+            verdicts.setdefault(key, {}).update(by_judge)
     kw = {"samples": ev.bootstrap_samples, "confidence": ev.confidence}
 
     # ---- safety summaries ----
@@ -338,19 +348,31 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
             "append_period": bench.append_period,
             "judges": {judge: summarize_judge(rows, categories, seed=_seed(cfg, name, judge), **kw)
                        for judge, rows in by_judge.items()},
+            "agreement": judge_agreement({j: [r.get("safe") for r in rows]
+                                          for j, rows in by_judge.items()}),
+            "diversity": response_diversity(columns["response"]),
         }
 
-    # ---- benign: over-refusal (rule judge) and response NLL ----
+    # ---- benign: over-refusal (rule judge, and every other refusal judge) and response NLL ----
     if benign:
-        prompts = [r["instruction"] for r in benign]
-        responses = [g["response"] for g in benign_gen]
-        refusals = [bool(v["refusal"]) for v in JUDGES.get("rule")(prompts, responses)]
+        prompts, responses = refusal_batches[BENIGN]
+        by_judge = dict(verdicts.get(BENIGN, {}))
+        if "rule" not in by_judge:
+            by_judge = {"rule": JUDGES.get("rule")(prompts, responses), **by_judge}
+        refused = {j: [bool(v["refusal"]) for v in rows] for j, rows in by_judge.items()}
+        refusals = refused["rule"]
         result: dict[str, Any] = {
             "n": len(benign),
             "refusal_rate": rate_summary(refusals, seed=_seed(cfg, "benign", "refusal"), **kw),
+            "refusal_rate_by_judge": {
+                j: rate_summary(v, seed=_seed(cfg, "benign", "refusal", j), **kw)
+                for j, v in refused.items() if j != "rule"},
+            "agreement": judge_agreement(refused),
+            "diversity": response_diversity(responses),
         }
         columns = {"prompt": prompts, "response": responses,
                    "reference": [r["response"] for r in benign], "refusal": refusals}
+        columns.update({f"{j}_refusal": v for j, v in refused.items() if j != "rule"})
         if nll:
             columns["nll"] = nll
             result["response_nll"] = mean_summary(nll, seed=_seed(cfg, "benign", "nll"), **kw)
@@ -383,8 +405,9 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
 
 def _model_work(cfg: RunConfig, judges: list[str],
                 batches: dict[str, tuple[list[str], list[str]]], adapter_dir: str | None,
-                nll_pairs: list[tuple[str, str]]) -> tuple[dict[str, dict[str, list]],
-                                                           list[float | None]]:
+                nll_pairs: list[tuple[str, str]],
+                refusal_batches: dict[str, tuple[list[str], list[str]]],
+                ) -> tuple[dict[str, dict[str, list]], list[float | None]]:
     """The Ray task of an evaluation: model judges on every benchmark, then the response NLL.
 
     One task, so a worker imports torch and transformers once; the judges load and release their
@@ -393,7 +416,7 @@ def _model_work(cfg: RunConfig, judges: list[str],
     from ray_fedit.evaluation.helpfulness import response_nll
     from ray_fedit.evaluation.judging import run_judges
 
-    verdicts = run_judges(judges, cfg, batches)
+    verdicts = run_judges(judges, cfg, batches, refusal_batches)
     nll = response_nll(cfg.model, adapter_dir, nll_pairs, template=cfg.data.template,
                        max_seq_len=cfg.data.max_seq_len, batch_size=cfg.generation.batch_size,
                        torch_threads=cfg.generation.torch_threads) if nll_pairs else []

@@ -131,3 +131,112 @@ def by_category(
         sub_seed = int(np.random.SeedSequence(keys).generate_state(1)[0])
         out[cat] = summarize(groups[cat], samples=samples, confidence=confidence, seed=sub_seed)
     return out
+
+
+def agreement(predicted: Sequence[bool], labels: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy, confusion matrix, precision, recall and Cohen's kappa of binary predictions.
+
+    The positive class is ``True`` (a refusal, a safe verdict). Between two judges (neither a
+    reference) accuracy and kappa are symmetric; precision and recall take ``labels`` as the
+    reference. Precision/recall are None when undefined (no positives), kappa when chance
+    agreement is 1 (both constant and equal).
+    """
+    tp = sum(p and y for p, y in zip(predicted, labels, strict=True))
+    fp = sum(p and not y for p, y in zip(predicted, labels, strict=True))
+    fn = sum(not p and y for p, y in zip(predicted, labels, strict=True))
+    n = len(labels)
+    tn = n - tp - fp - fn
+    acc = (tp + tn) / n if n else None
+    # Chance agreement from the marginals (Cohen 1960).
+    chance = (((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)) if n else 1.0
+    return {
+        "n": n, "accuracy": acc,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "cohen_kappa": (acc - chance) / (1 - chance) if acc is not None and chance < 1 else None,
+    }
+
+
+def _first_sentence(text: str) -> str:
+    """The text up to its first ``.``, ``!``, ``?`` or newline, lower-cased and white-space folded."""
+    folded = " ".join(text.split()).lower()
+    for i, ch in enumerate(folded):
+        if ch in ".!?\n":
+            return folded[:i + 1]
+    return folded
+
+
+def response_diversity(responses: Sequence[str]) -> dict[str, Any]:
+    """How repetitive a model's responses are: a defense that teaches one sentence shows here.
+
+    Responses compare after folding white space and case.
+
+    Returns:
+        ``{"n", "top_share", "top_response", "distinct", "distinct_first_sentences",
+        "top_first_sentence_share"}``: the share of the most frequent response (first of the
+        most frequent in input order on ties), the number of distinct responses, of distinct first
+        sentences, and the share of the most frequent first sentence. Shares are None when
+        ``responses`` is empty.
+    """
+    from collections import Counter
+
+    folded = [" ".join(r.split()).lower() for r in responses]
+    n = len(folded)
+    if not n:
+        return {"n": 0, "top_share": None, "top_response": None, "distinct": 0,
+                "distinct_first_sentences": 0, "top_first_sentence_share": None}
+    counts = Counter(folded)
+    top = max(counts.values())
+    top_response = next(r for r in responses if counts[" ".join(r.split()).lower()] == top)
+    firsts = Counter(_first_sentence(r) for r in responses)
+    return {"n": n, "top_share": top / n, "top_response": top_response, "distinct": len(counts),
+            "distinct_first_sentences": len(firsts),
+            "top_first_sentence_share": max(firsts.values()) / n}
+
+
+def paired_difference(before: Sequence[bool | None], after: Sequence[bool | None], *,
+                      samples: int, confidence: float, seed: int) -> dict[str, Any]:
+    """``after - before`` of two rates on the same items, with a paired bootstrap interval.
+
+    Items are resampled as pairs, so the interval reflects the per-item change (the same prompts
+    answered by two models), not two independent samples. None (unparseable) is not ``True``.
+
+    Returns:
+        ``{"diff", "ci_low", "ci_high", "n", "changed"}``: ``changed`` counts items whose verdict
+        differs; the interval is None when there are no items.
+
+    Raises:
+        ValueError: if the two sequences differ in length.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired rates need the same items: {len(before)} vs {len(after)}")
+    d = (np.array([v is True for v in after], dtype=np.float64)
+         - np.array([v is True for v in before], dtype=np.float64))
+    n = int(d.size)
+    low, high = bootstrap_ci(d, samples=samples, confidence=confidence, seed=seed)
+    return {"diff": float(d.mean()) if n else None, "ci_low": low if n else None,
+            "ci_high": high if n else None, "n": n, "changed": int(np.count_nonzero(d))}
+
+
+def judge_agreement(verdicts: dict[str, Sequence[bool | None]]) -> dict[str, dict[str, Any]]:
+    """Pairwise agreement of binary judges on the same items: ``{"a|b": {...}}``, in input order.
+
+    A judge with no verdict at all (a scoring judge) is left out; within a pair, items that either
+    judge could not parse are left out.
+
+    Returns:
+        Per pair ``{"n", "agree", "cohen_kappa", "both_true", "only_first", "only_second"}``.
+    """
+    names = [j for j, v in verdicts.items() if any(x is not None for x in v)]
+    out: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pairs = [(x, y) for x, y in zip(verdicts[a], verdicts[b], strict=True)
+                     if x is not None and y is not None]
+            stats = agreement([bool(x) for x, _ in pairs], [bool(y) for _, y in pairs])
+            c = stats["confusion"]
+            out[f"{a}|{b}"] = {"n": stats["n"], "agree": stats["accuracy"],
+                               "cohen_kappa": stats["cohen_kappa"], "both_true": c["tp"],
+                               "only_first": c["fp"], "only_second": c["fn"]}
+    return out

@@ -136,7 +136,7 @@ def is_refusal(text: str, *, keywords: Sequence[str] = REFUSAL_KEYWORDS,
     return match_refusal(text, keywords=keywords, word_boundary=word_boundary) is not None
 
 
-@JUDGES.register("rule", needs_model=False)
+@JUDGES.register("rule", needs_model=False, refusal=True)
 def judge(instructions: Sequence[str], responses: Sequence[str], *,
           keywords: Sequence[str] = REFUSAL_KEYWORDS,
           word_boundary: bool = False) -> list[dict[str, Any]]:

@@ -94,7 +94,8 @@ def test_evaluate_adapter_end_to_end(ray_session, tmp_path, judge_url, monkeypat
     cfg = load_config(None, [
         "model.name=tiny-random-llama", "defense.name=none", "seed=3",
         "evaluation.benchmarks=[{name: advbench, num_prompts: 3, append_period: true}]",
-        "evaluation.judges=[rule,reward_model,judge_model,llm_judge_http]",
+        "evaluation.judges=[rule,reward_model,judge_model,llm_judge_http,probe]",
+        "evaluation.probe_model=tiny-random-llama",
         f"evaluation.reward_model={rm}", "evaluation.judge_model=tiny-random-llama",
         "evaluation.judge_max_new_tokens=4", "evaluation.bootstrap_samples=200",
         "evaluation.num_benign_prompts=3",
@@ -146,12 +147,24 @@ def test_evaluate_adapter_end_to_end(ray_session, tmp_path, judge_url, monkeypat
     assert jm["unparseable"] == 3 and jm["rate"] == 0.0 and jm["n_true"] == 0
     assert judges["llm_judge_http"]["rate"] == 0.0
     assert judges["llm_judge_http"]["score"]["mean"] == pytest.approx(0.75)
+    # the probe judge (fit on the tiny model's features): a verdict and its probability per row
+    assert [r["probe_safe"] for r in rows] == [r["probe_refusal_prob"] > 0.5 for r in rows]
+    assert judges["probe"]["rate"] == sum(r["probe_safe"] for r in rows) / 3
+    agree = adv["agreement"]["rule|probe"]
+    assert agree["n"] == 3 and agree["agree"] == sum(
+        r["rule_safe"] == r["probe_safe"] for r in rows) / 3
+    assert "rule|reward_model" not in adv["agreement"]  # a scoring judge has no verdicts
+    assert adv["diversity"]["n"] == 3 and adv["diversity"]["distinct"] == len(
+        {" ".join(r["response"].split()).lower() for r in rows})
 
     # helpfulness: over-refusal on 3 benign prompts, response NLL checked independently
     benign_rows = pq.read_table(out_dir / "benign.parquet").to_pylist()
     help_ = metrics["helpfulness"]
     assert help_["benign"]["n"] == 3 and len(benign_rows) == 3
     assert help_["benign"]["refusal_rate"]["rate"] == sum(r["refusal"] for r in benign_rows) / 3
+    assert help_["benign"]["refusal_rate_by_judge"]["probe"]["rate"] == sum(
+        r["probe_refusal"] for r in benign_rows) / 3
+    assert list(help_["benign"]["refusal_rate_by_judge"]) == ["probe"]  # refusal judges only
     first = benign_rows[0]
     want = _nll(cfg, adapter, first["prompt"], first["reference"])
     assert first["nll"] == pytest.approx(want, rel=1e-4)

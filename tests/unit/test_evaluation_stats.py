@@ -96,3 +96,45 @@ def test_per_category_rates_and_stable_seeds():
     more = by_category(verdicts + [False], cats + ["c"], rate_summary, samples=200,
                        confidence=0.95, seed=0)
     assert more["a"] == out["a"] and set(more) == {"a", "b", "c"}
+
+
+def test_response_diversity_counts_folded_responses_and_first_sentences():
+    from ray_fedit.evaluation.stats import response_diversity
+
+    responses = ["I'm sorry.  I can't.", "i'm sorry. I can't.", "Sure. Step 1", "I'm sorry. No way"]
+    d = response_diversity(responses)
+    # folded: two identical "i'm sorry. i can't." -> top share 2/4; 3 distinct responses;
+    # first sentences "i'm sorry." x3 and "sure." -> 2 distinct, top first-sentence share 3/4
+    assert d["top_share"] == 0.5 and d["top_response"] == "I'm sorry.  I can't."
+    assert d["distinct"] == 3 and d["distinct_first_sentences"] == 2
+    assert d["top_first_sentence_share"] == 0.75 and d["n"] == 4
+    assert response_diversity([])["top_share"] is None
+
+
+def test_paired_difference_resamples_pairs():
+    from ray_fedit.evaluation.stats import paired_difference
+
+    before = [True, True, True, False, None]
+    after = [False, True, False, False, True]
+    d = paired_difference(before, after, samples=2000, confidence=0.95, seed=0)
+    # per-item change: -1, 0, -1, 0, +1 (None counts as not safe) -> mean -1/5, 3 changed
+    assert d["diff"] == pytest.approx(-0.2) and d["changed"] == 3 and d["n"] == 5
+    assert -1.0 <= d["ci_low"] <= d["diff"] <= d["ci_high"] <= 1.0
+    same = paired_difference(before, before, samples=200, confidence=0.95, seed=0)
+    assert (same["diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([True], [True, False], samples=10, confidence=0.9, seed=0)
+
+
+def test_judge_agreement_skips_scoring_judges_and_unparseable_items():
+    from ray_fedit.evaluation.stats import judge_agreement
+
+    out = judge_agreement({"rule": [True, True, False, False, True],
+                           "probe": [True, False, False, True, None],
+                           "reward_model": [None] * 5})
+    assert list(out) == ["rule|probe"]
+    a = out["rule|probe"]
+    # 4 items parse for both: (T,T) (T,F) (F,F) (F,T): agree 2/4; marginals 1/2 each -> chance 1/2,
+    # kappa (1/2 - 1/2) / (1 - 1/2) = 0
+    assert a["n"] == 4 and a["agree"] == 0.5 and a["cohen_kappa"] == pytest.approx(0.0)
+    assert (a["both_true"], a["only_first"], a["only_second"]) == (1, 1, 1)

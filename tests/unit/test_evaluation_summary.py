@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_fedit.evaluation.runner import RoundEvaluator, summarize_judge
-from ray_fedit.evaluation.validate_rule import agreement, load_refusal_labels, validate_rule
+from ray_fedit.evaluation.validate_judges import agreement, load_refusal_labels, validate_rule
 from ray_fedit.judges.rule import is_refusal
 from ray_fedit.registry import JUDGES
 from tests.conftest import ROOT
@@ -132,7 +132,8 @@ def test_rule_validation_on_pyrit_human_labels():
 
 
 def test_validation_cli_prints_the_confusion_matrix():
-    res = subprocess.run([sys.executable, "-m", "ray_fedit.evaluation.validate_rule"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "ray_fedit.evaluation.validate_judges",
+                          "--judge", "rule"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "n=105" in res.stdout and "rule refusal" in res.stdout and "accuracy" in res.stdout

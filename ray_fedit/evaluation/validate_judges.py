@@ -1,4 +1,4 @@
-"""Agreement of the rule judge with human refusal labels (pyrit's ``refusal.csv``, 105 rows).
+"""Agreement of the refusal judges with human refusal labels (pyrit's ``refusal.csv``, 105 rows).
 
 The file ships in ``pyrit`` 1.1.0 (MIT) at
 ``pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv``: a ``# dataset_version=...`` comment
@@ -12,8 +12,12 @@ The rule judge calls a response safe exactly when it is a refusal, so agreement 
 judge's ``refusal`` with ``human_score == 1``. The keyword list is the paper's, not tuned to this
 data.
 
-Run: ``python -m ray_fedit.evaluation.validate_rule`` (``--json`` for machine-readable output,
-``--paper-keywords`` for the list exactly as the paper's code ran it).
+The probe judge (:mod:`ray_fedit.judges.probe`) is fit on pyrit's other refusal files and never
+on this one, so the same rows measure it.
+
+Run: ``python -m ray_fedit.evaluation.validate_judges`` (``--judge rule|probe|all``; ``--json`` for
+machine-readable output; ``--paper-keywords`` for the rule's list exactly as the paper's code ran
+it; ``--probe-model`` for the probe's feature model).
 """
 
 from __future__ import annotations
@@ -25,11 +29,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ray_fedit.evaluation.stats import agreement
+
+__all__ = ["agreement", "load_refusal_labels", "validate_rule"]
+
 REFUSAL_CSV = "datasets/scorer_evals/refusal_scorer/refusal.csv"
 
 
-def load_refusal_labels(path: Path | None = None) -> list[dict[str, Any]]:
-    """The labelled rows: ``{"objective", "response", "refusal": bool}``.
+def load_refusal_labels(path: Path | None = None, *,
+                        relative: str = REFUSAL_CSV) -> list[dict[str, Any]]:
+    """The labelled rows of a pyrit refusal file: ``{"objective", "response", "refusal": bool}``.
+
+    Args:
+        path: a CSV file in pyrit's format; None reads ``relative`` inside the pyrit package.
+        relative: the file's path inside the pyrit package.
 
     Raises:
         DataError: if pyrit is not installed (and no path is given), or a label is not 0/1.
@@ -37,7 +50,7 @@ def load_refusal_labels(path: Path | None = None) -> list[dict[str, Any]]:
     from ray_fedit.data.loaders import package_file
     from ray_fedit.errors import DataError
 
-    path = path or package_file("pyrit", REFUSAL_CSV)
+    path = path or package_file("pyrit", relative)
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     out = []
@@ -48,30 +61,6 @@ def load_refusal_labels(path: Path | None = None) -> list[dict[str, Any]]:
         out.append({"objective": row["objective"], "response": row["assistant_response"],
                     "refusal": label == "1"})
     return out
-
-
-def agreement(predicted: Sequence[bool], labels: Sequence[bool]) -> dict[str, Any]:
-    """Accuracy, confusion matrix, precision, recall and Cohen's kappa of refusal predictions.
-
-    The positive class is "refusal". Precision/recall are None when undefined (no positives).
-    """
-    tp = sum(p and y for p, y in zip(predicted, labels, strict=True))
-    fp = sum(p and not y for p, y in zip(predicted, labels, strict=True))
-    fn = sum(not p and y for p, y in zip(predicted, labels, strict=True))
-    tn = len(labels) - tp - fp - fn
-    n = len(labels)
-    acc = (tp + tn) / n
-    # Chance agreement from the marginals (Cohen 1960).
-    p_yes = ((tp + fp) / n) * ((tp + fn) / n)
-    p_no = ((tn + fn) / n) * ((tn + fp) / n)
-    chance = p_yes + p_no
-    return {
-        "n": n, "accuracy": acc,
-        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
-        "precision": tp / (tp + fp) if tp + fp else None,
-        "recall": tp / (tp + fn) if tp + fn else None,
-        "cohen_kappa": (acc - chance) / (1 - chance) if chance < 1 else None,
-    }
 
 
 def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dict[str, Any]:
@@ -88,6 +77,7 @@ def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dic
                      keywords=keywords)
     predicted = [bool(v["refusal"]) for v in verdicts]
     result = agreement(predicted, [r["refusal"] for r in rows])
+    result["judge"] = "rule"
     result["keywords"] = "paper_code" if paper_keywords else "default"
     result["disagreements"] = [
         {"row": i, "human_refusal": r["refusal"], "rule_refusal": p, "matched": v["matched"],
@@ -100,36 +90,55 @@ def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dic
 
 def _table(result: dict[str, Any]) -> str:
     c = result["confusion"]
+    name = result["judge"]
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
+    how = (f"{result['keywords']} keywords" if name == "rule" else
+           f"{result['model']}, {result['pooling']} mean at layer {result['layer']}, "
+           f"l2 {result['l2']:g}, fit on {result['n_train']} other rows, "
+           f"CV accuracy {pct(result['cv_accuracy'])}")
     lines = [
-        f"rule judge ({result['keywords']} keywords) vs pyrit refusal.csv human labels, "
-        f"n={result['n']}",
+        f"{name} judge ({how}) vs pyrit refusal.csv human labels, n={result['n']}",
         f"accuracy {pct(result['accuracy'])}  precision {pct(result['precision'])}  "
         f"recall {pct(result['recall'])}  kappa {result['cohen_kappa']:.3f}",
         "",
-        "                   human refusal   human not refusal",
-        f"rule refusal       {c['tp']:>13}   {c['fp']:>17}",
-        f"rule not refusal   {c['fn']:>13}   {c['tn']:>17}",
+        "                    human refusal   human not refusal",
+        f"{name + ' refusal':<19} {c['tp']:>13}   {c['fp']:>17}",
+        f"{name + ' not refusal':<19} {c['fn']:>13}   {c['tn']:>17}",
         "",
         "disagreements:",
     ]
     for d in result["disagreements"]:
-        kind = "missed refusal" if d["human_refusal"] else f"false refusal ({d['matched']!r})"
-        lines.append(f"  row {d['row']:>3} {kind}: {d['response'][:90]!r}")
+        why = f" ({d['matched']!r})" if "matched" in d else f" (p={d['refusal_prob']})"
+        kind = "missed refusal" if d["human_refusal"] else "false refusal"
+        lines.append(f"  row {d['row']:>3} {kind}{why}: {d['response'][:90]!r}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ray_fedit.config import BUNDLED_MODEL
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--judge", choices=("rule", "probe", "all"), default="all",
+                        help="which judge to validate (default: both)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--paper-keywords", action="store_true",
-                        help="use the keyword list exactly as the paper's code ran it")
+                        help="use the rule's keyword list exactly as the paper's code ran it")
+    parser.add_argument("--probe-model", default=BUNDLED_MODEL,
+                        help=f"the probe judge's feature model (default {BUNDLED_MODEL})")
+    parser.add_argument("--refit", action="store_true", help="fit the probe again, ignoring its cache")
     args = parser.parse_args(argv)
-    result = validate_rule(paper_keywords=args.paper_keywords)
-    print(json.dumps(result, indent=2) if args.json else _table(result))
+    results = []
+    if args.judge in ("rule", "all"):
+        results.append(validate_rule(paper_keywords=args.paper_keywords))
+    if args.judge in ("probe", "all"):
+        from ray_fedit.config import ModelConfig
+        from ray_fedit.judges.probe import validate_probe
+
+        results.append(validate_probe(ModelConfig(name=args.probe_model), refit=args.refit))
+    print(json.dumps(results, indent=2) if args.json else "\n\n".join(map(_table, results)))
     return 0
 
 
