@@ -40,7 +40,11 @@ def safety_rates(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     first = first_benchmark(metrics)
     if first is None:
         return {}
-    return {j: b for j, b in first[1]["judges"].items() if b.get("rate") is not None}
+    blocks = first[1]["judges"]
+    # metrics.json is written with sorted keys; its "judges" list keeps the config's order.
+    order = [j for j in metrics.get("judges") or [] if j in blocks]
+    order += [j for j in blocks if j not in order]
+    return {j: blocks[j] for j in order if blocks[j].get("rate") is not None}
 
 
 def benign_refusals(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -62,13 +62,16 @@ def test_summary_table_shows_every_judge_and_the_effects(tmp_path):
                 "helpfulness": {"benign": {"refusal_rate": _rate(0.0, 2),
                                            "refusal_rate_by_judge": {"probe": _rate(0.5, 2)}}}}
     m = {"no_attack": metrics(0.75, 0.5, 0.25), "attacked": metrics(0.25, 0.0, 0.5)}
+    m["no_attack"]["judges"] = ["rule", "probe"]  # the config's order, not the sorted JSON keys
+    m["no_attack"]["safety"]["advbench"]["judges"] = dict(
+        sorted(m["no_attack"]["safety"]["advbench"]["judges"].items()))
     _stage(tmp_path, "no_attack", [True, True, True, False], [True, True, False, False],
            [False, False], [False, True])
     _stage(tmp_path, "attacked", [False, True, False, False], [False, False, False, False],
            [False, False], [False, True])
     table = summary_table(m, paired_effects(tmp_path, samples=200))
     lines = table.splitlines()
-    assert "advbench rule safe" in lines[0] and "advbench probe safe" in lines[0]
+    assert lines[0].index("advbench rule safe") < lines[0].index("advbench probe safe")
     assert "benign refusal probe" in lines[0] and "top resp." in lines[0]
     no_attack = next(ln for ln in lines if ln.startswith("FedIT, no attack"))
     assert "75.0%" in no_attack and "50.0%" in no_attack and "25%" in no_attack
