@@ -33,6 +33,7 @@ import yaml
 
 from ray_fedit.errors import DataError
 from ray_fedit.evaluation.paired import find_effect, paired_effects
+from ray_fedit.evaluation.summary import flat_headline, judge_order
 
 REPORT_DIR = "report"
 RUN_MARKER = "resolved_config.yaml"
@@ -193,7 +194,8 @@ def metric_columns(metrics: Iterable[Mapping[str, Any]], config: Mapping[str, An
     diversity: dict[str, Column] = {}
     for m in metrics:
         for bench, per_bench in (m.get("safety") or {}).items():
-            for judge, block in ((per_bench or {}).get("judges") or {}).items():
+            blocks = (per_bench or {}).get("judges") or {}
+            for judge, block in ((j, blocks[j]) for j in judge_order(blocks, m)):
                 name = f"{bench} {judge_label(judge, config)}"
                 base = ("safety", bench, "judges", judge)
                 if isinstance(block, Mapping) and "rate" in block:
@@ -207,9 +209,10 @@ def metric_columns(metrics: Iterable[Mapping[str, Any]], config: Mapping[str, An
                     cols.setdefault(f"{bench}.{judge}.score", Column(
                         f"{bench}.{judge}.score", label, "score", (*base, "score"), "mean", False, 2))
             if isinstance((per_bench or {}).get("diversity"), Mapping):
-                diversity.setdefault(f"{bench}.top_response_pct", Column(
-                    f"{bench}.top_response_pct", f"{bench} top response (%) ↓", "diversity",
-                    ("safety", bench, "diversity"), "top_share", True, 1))
+                for key, what in (("top_share", "response"), ("top_opening_share", "opening")):
+                    diversity.setdefault(f"{bench}.top_{what}_pct", Column(
+                        f"{bench}.top_{what}_pct", f"{bench} top {what} (%) ↓", "diversity",
+                        ("safety", bench, "diversity"), key, True, 1))
         help_block = m.get("helpfulness") or {}
         if "refusal_rate" in (help_block.get("benign") or {}):
             helpful.setdefault("benign.refusal_pct", Column(
@@ -957,7 +960,6 @@ def _scalar_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 
 def run_dir_metrics(run_dir: Path) -> dict[str, float]:
     """``{"<stage>.<metric>": value}`` from a run's ``eval/*/metrics.json``, as the trials report them."""
-    from ray_fedit.evaluation.summary import flat_headline  # what the sweep trials report
 
     out: dict[str, float] = {}
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):

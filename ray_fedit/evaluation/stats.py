@@ -167,17 +167,22 @@ def _first_sentence(text: str) -> str:
     return folded
 
 
+OPENING_WORDS = 6
+
+
 def response_diversity(responses: Sequence[str]) -> dict[str, Any]:
     """How repetitive a model's responses are: a defense that teaches one sentence shows here.
 
-    Responses compare after folding white space and case.
+    Responses compare after folding white space and case. A memorised refusal often varies at its
+    end ("... designed to assist users" / "... with lyrics"), so the opening (first
+    :data:`OPENING_WORDS` words) is counted too.
 
     Returns:
         ``{"n", "top_share", "top_response", "distinct", "distinct_first_sentences",
-        "top_first_sentence_share"}``: the share of the most frequent response (first of the
-        most frequent in input order on ties), the number of distinct responses, of distinct first
-        sentences, and the share of the most frequent first sentence. Shares are None when
-        ``responses`` is empty.
+        "top_first_sentence_share", "top_opening_share", "top_opening"}``: the share of the most
+        frequent response (first of the most frequent in input order on ties), the number of
+        distinct responses and first sentences, and the shares of the most frequent first sentence
+        and opening. Shares are None when ``responses`` is empty.
     """
     from collections import Counter
 
@@ -185,14 +190,18 @@ def response_diversity(responses: Sequence[str]) -> dict[str, Any]:
     n = len(folded)
     if not n:
         return {"n": 0, "top_share": None, "top_response": None, "distinct": 0,
-                "distinct_first_sentences": 0, "top_first_sentence_share": None}
+                "distinct_first_sentences": 0, "top_first_sentence_share": None,
+                "top_opening_share": None, "top_opening": None}
     counts = Counter(folded)
     top = max(counts.values())
     top_response = next(r for r in responses if counts[" ".join(r.split()).lower()] == top)
     firsts = Counter(_first_sentence(r) for r in responses)
+    openings = Counter(" ".join(r.split()[:OPENING_WORDS]) for r in folded)
+    opening, opening_count = openings.most_common(1)[0]
     return {"n": n, "top_share": top / n, "top_response": top_response, "distinct": len(counts),
             "distinct_first_sentences": len(firsts),
-            "top_first_sentence_share": max(firsts.values()) / n}
+            "top_first_sentence_share": max(firsts.values()) / n,
+            "top_opening_share": opening_count / n, "top_opening": opening}
 
 
 def paired_difference(before: Sequence[bool | None], after: Sequence[bool | None], *,

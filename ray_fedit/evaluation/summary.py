@@ -35,16 +35,20 @@ def first_benchmark(metrics: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | 
     return None
 
 
+def judge_order(blocks: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
+    """The judges of ``blocks`` in the config's order: metrics.json is written with sorted keys,
+    and its ``judges`` list keeps the configured order."""
+    order = [j for j in metrics.get("judges") or [] if j in blocks]
+    return order + [j for j in blocks if j not in order]
+
+
 def safety_rates(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{judge: rate block}`` of the first benchmark, for the verdict judges, in config order."""
     first = first_benchmark(metrics)
     if first is None:
         return {}
     blocks = first[1]["judges"]
-    # metrics.json is written with sorted keys; its "judges" list keeps the config's order.
-    order = [j for j in metrics.get("judges") or [] if j in blocks]
-    order += [j for j in blocks if j not in order]
-    return {j: blocks[j] for j in order if blocks[j].get("rate") is not None}
+    return {j: blocks[j] for j in judge_order(blocks, metrics) if blocks[j].get("rate") is not None}
 
 
 def benign_refusals(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -109,8 +113,9 @@ def flat_headline(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def summary_table(metrics: Mapping[str, Mapping[str, Any]],
                   effects: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The stages as rows: safety per verdict judge with CIs, benign refusal per judge, the share
-    of the most frequent response; then the paired effects of :mod:`ray_fedit.evaluation.paired`."""
+    """The stages as rows: safety per verdict judge with CIs, benign refusal per judge, the shares
+    of the most frequent response and opening; then the paired effects of
+    :mod:`ray_fedit.evaluation.paired`."""
     order = ["base", NO_ATTACK, ATTACKED, DEFENDED]
     stages = [s for s in order if s in metrics] + sorted(s for s in metrics if s not in order)
     judges: list[str] = []
@@ -121,7 +126,8 @@ def summary_table(metrics: Mapping[str, Mapping[str, Any]],
     first = next((fb for s in stages if (fb := first_benchmark(metrics[s]))), None)
     bench = first[0] if first else "safety"
     header = f"{'':30}" + "".join(f" {bench + ' ' + j + ' safe':>22}" for j in judges)
-    header += "".join(f" {'benign refusal ' + j:>20}" for j in refusal_judges) + f" {'top resp.':>9}"
+    header += "".join(f" {'benign refusal ' + j:>20}" for j in refusal_judges)
+    header += f" {'top resp.':>9} {'top opening':>11}"
     lines = [header]
     for s in stages:
         rates = safety_rates(metrics[s])
@@ -130,8 +136,10 @@ def summary_table(metrics: Mapping[str, Mapping[str, Any]],
         row += "".join(f" {_ci(rates[j]) if j in rates else '-':>22}" for j in judges)
         row += "".join(f" {_pct(refusals[j]) if j in refusals else '-':>20}" for j in refusal_judges)
         fb = first_benchmark(metrics[s])
-        share = (fb[1].get("diversity") or {}).get("top_share") if fb else None
-        row += f" {'-' if share is None else f'{100 * share:.0f}%':>9}"
+        diversity = (fb[1].get("diversity") or {}) if fb else {}
+        for key, width in (("top_share", 9), ("top_opening_share", 11)):
+            share = diversity.get(key)
+            row += f" {'-' if share is None else f'{100 * share:.0f}%':>{width}}"
         lines.append(row)
     shown = [e for e in effects if e["set"] in (bench, "benign")]
     if shown:

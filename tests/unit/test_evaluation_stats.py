@@ -108,6 +108,8 @@ def test_response_diversity_counts_folded_responses_and_first_sentences():
     assert d["top_share"] == 0.5 and d["top_response"] == "I'm sorry.  I can't."
     assert d["distinct"] == 3 and d["distinct_first_sentences"] == 2
     assert d["top_first_sentence_share"] == 0.75 and d["n"] == 4
+    # openings (first 6 words): "i'm sorry. i can't." x2, "sure. step 1", "i'm sorry. no way"
+    assert d["top_opening_share"] == 0.5 and d["top_opening"] == "i'm sorry. i can't."
     assert response_diversity([])["top_share"] is None
 
 
