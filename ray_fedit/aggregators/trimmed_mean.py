@@ -12,6 +12,9 @@ clients and ``trim = 1`` this equals the coordinate-wise median.
 Assumptions: at most ``trim`` Byzantine values per coordinate on each side; ``n > 2 trim``. Client
 sizes are ignored (Yin et al.). ``client_weights[i]`` is the fraction of the kept slots that client
 ``i``'s values filled, averaged over coordinates (ties at the cut share equally).
+
+The rule is a ``ColumnPlan`` (``ray_fedit.aggregators.base``): its chunks can run in Ray shards
+(``ray_fedit.federation.sharded``) or, through ``rank_window_mean_torch``, on a GPU.
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    coordinatewise,
+    ColumnPart,
+    ColumnPlan,
+    chunk_part,
+    column_chunk_width,
+    device_part,
+    map_chunks,
     rank_window_mean,
+    rank_window_mean_torch,
     require_int,
     require_number,
+    stitch,
     validate_inputs,
 )
 from ray_fedit.errors import AggregationError
@@ -68,8 +78,55 @@ def _check(n: int, params: dict[str, Any]) -> None:
     resolve_trim(n, params["trim"], params["trim_fraction"])
 
 
+def _prepare(
+    updates: Tensor,
+    weights: Tensor,
+    *,
+    trim: int | None = None,
+    trim_fraction: float | None = None,
+) -> tuple[int, float | None]:
+    """Input checks; the context is the resolved trim (and the fraction, for the message)."""
+    validate_inputs(updates, weights)
+    return resolve_trim(updates.shape[0], trim, trim_fraction), trim_fraction
+
+
+def _columns(block: Tensor, ctx: tuple[int, float | None], width: int) -> ColumnPart:
+    n, t = block.shape[0], ctx[0]
+    return chunk_part(
+        map_chunks(block, width, lambda x: rank_window_mean(x, x, t + 1, n - t))
+    )
+
+
+def _device_columns(block: Tensor, ctx: tuple[int, float | None]) -> ColumnPart:
+    n, t = block.shape[0], ctx[0]
+    return device_part(block, lambda x: rank_window_mean_torch(x, x, t + 1, n - t))
+
+
+def _finish(
+    updates: Tensor, weights: Tensor, ctx: tuple[int, float | None], parts: list[tuple[int, ColumnPart]]
+) -> AggregationResult:
+    n, d = updates.shape
+    t, trim_fraction = ctx
+    out, credit = stitch(n, parts)
+    info: dict[str, Any] = {"trim": t}
+    if t == 0:
+        info["fallback"] = (f"trimmed_mean: the trim floors to 0 with n={n} clients "
+                            f"(trim_fraction={trim_fraction}), so nothing is cut: the plain mean")
+    return AggregationResult(out, (credit / d).to(torch.float32), info)
+
+
+TRIMMED_MEAN = ColumnPlan(
+    _prepare, lambda n, _: column_chunk_width(n), _columns, _finish, _device_columns
+)
+
+
 @AGGREGATORS.register(
-    "trimmed_mean", check=_check, robust=True, ignores_weights=True, reduces_to_mean={"trim": 0}
+    "trimmed_mean",
+    check=_check,
+    robust=True,
+    ignores_weights=True,
+    reduces_to_mean={"trim": 0},
+    column_plan=TRIMMED_MEAN,
 )
 def trimmed_mean(
     updates: Tensor,
@@ -92,12 +149,4 @@ def trimmed_mean(
     Raises:
         AggregationError: invalid inputs or ``2 * trim >= n``.
     """
-    validate_inputs(updates, weights)
-    n, d = updates.shape
-    t = resolve_trim(n, trim, trim_fraction)
-    out, credit = coordinatewise(updates, lambda x: rank_window_mean(x, x, t + 1, n - t))
-    info: dict[str, Any] = {"trim": t}
-    if t == 0:
-        info["fallback"] = (f"trimmed_mean: the trim floors to 0 with n={n} clients "
-                            f"(trim_fraction={trim_fraction}), so nothing is cut: the plain mean")
-    return AggregationResult(out, (credit / d).to(torch.float32), info)
+    return TRIMMED_MEAN(updates, weights, trim=trim, trim_fraction=trim_fraction)
