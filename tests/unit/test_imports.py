@@ -23,7 +23,7 @@ importlib.import_module(sys.argv[1])
 RAY_FREE = ["ray_fedit.config", "ray_fedit.registry", "ray_fedit.models.codec",
             "ray_fedit.aggregators", "ray_fedit.attacks", "ray_fedit.data",
             "ray_fedit.data.partition", "ray_fedit.defenses.posthoc_math",
-            "ray_fedit.federation.rule_state"]
+            "ray_fedit.federation.rule_state", "ray_fedit.federation.sharded"]
 
 
 @pytest.mark.parametrize("module", RAY_FREE)
