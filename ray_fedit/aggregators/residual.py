@@ -20,8 +20,8 @@ Finally the client weights are ``c_i ∝ p_i (s_i / max_j s_j)^2`` (``p`` = clie
 the paper) and the aggregate is ``sum_i c_i y'_i`` over the clipped values ``y'``. If no coordinate
 separates the clients at all (every ``s_i = 0``, e.g. identical updates, or any ``n = 3`` round,
 where the Huber weights are always 1), the ratio ``s_i / max s`` is 0/0; the rule then trusts
-everyone equally (``c = p``) and reports ``info["no_separation"] = True``. The paper's code would
-produce NaN there.
+everyone equally (``c = p``), reports ``info["no_separation"] = True`` and says so in
+``info["fallback"]``. The paper's code would produce NaN there.
 
 Coordinates are independent, so ``shard_size`` (the coordinates processed together) does not
 change the result. The rule is translation-equivariant, so running on deltas equals running on full
@@ -412,11 +412,15 @@ def _finish(
                 vals = np.require(vals, requirements="W")
                 fix = torch.from_numpy(vals) * coeffs[torch.from_numpy(rows)]
                 aggregate.index_add_(0, torch.from_numpy(cols + start), fix)
-    info = {
+    info: dict[str, Any] = {
         "confidence": confidence.tolist(),
         "clipped_fraction": n_fixed / (n * d),
         "no_separation": no_separation,
     }
+    if no_separation:
+        info["fallback"] = (f"residual: no coordinate separates the n={n} clients (every "
+                            "confidence is 0, as always at n=3), so each is trusted by its size "
+                            "alone: the size-weighted mean of the clipped values")
     return AggregationResult(aggregate, coeffs, info)
 
 
@@ -453,7 +457,8 @@ def residual(
 
     Returns:
         The reweighted mean of the clipped values; ``client_weights`` are the final ``c``;
-        ``info`` holds ``confidence``, ``clipped_fraction`` and ``no_separation``.
+        ``info`` holds ``confidence``, ``clipped_fraction`` and ``no_separation`` (and
+        ``fallback`` when that is True).
 
     Raises:
         AggregationError: invalid inputs or parameters (``n < 3``).

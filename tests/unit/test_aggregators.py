@@ -388,6 +388,18 @@ def test_residual_with_three_clients_cannot_separate_them():
     assert res.info["no_separation"] is True
 
 
+def test_residual_says_when_it_cannot_separate_the_clients():
+    """The no-separation case is a fallback (the size-weighted mean of the clipped values), so it
+    is reported in info["fallback"] like the other rules' fallbacks; a round that separates the
+    clients reports none."""
+    res = aggregate("residual", t([[0], [1], [5]]), t([1, 2, 1]))
+    assert res.info["no_separation"] is True
+    assert "residual" in res.info["fallback"] and "n=3" in res.info["fallback"]
+    assert "\n" not in res.info["fallback"]
+    separated = aggregate("residual", t([[10, 7], [0, 7], [2, 7], [1, 7]]), ones(4))
+    assert separated.info["no_separation"] is False and "fallback" not in separated.info
+
+
 # ------------------------------------------------------------------------------------------------
 # norm clipping, geometric median, centered clipping
 # ------------------------------------------------------------------------------------------------
