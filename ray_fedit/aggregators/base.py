@@ -48,6 +48,7 @@ __all__ = [
     "centred_gram",
     "check_params",
     "chunk_part",
+    "chunked_plan",
     "column_chunk_width",
     "column_chunks",
     "column_median",
@@ -66,6 +67,8 @@ __all__ = [
     "rank_window",
     "rank_window_mean",
     "rank_window_mean_torch",
+    "rank_window_plan",
+    "register_rank_rule",
     "require_int",
     "require_number",
     "run_on_device",
@@ -738,6 +741,65 @@ def chunk_part(results: list[tuple[Tensor, Tensor]]) -> ColumnPart:
     return ColumnPart(
         torch.cat([agg for agg, _ in results]), torch.stack([sums for _, sums in results])
     )
+
+
+ChunkFn = Callable[[Tensor, Any], tuple[Tensor, Tensor]]
+
+
+def chunked_plan(
+    prepare: Callable[..., Any],
+    chunk: ChunkFn,
+    device_chunk: ChunkFn,
+    info: Callable[[int, Any], dict[str, Any]] | None = None,
+) -> ColumnPlan:
+    """The ``ColumnPlan`` of a rule whose every column chunk yields ``(aggregate, credit)``.
+
+    Median, trimmed mean and Bulyan's second step have this shape: ``chunk(x, context)`` maps an
+    ``(n, c)`` CPU chunk to ``(aggregate (c,) float32, credit (n,) float64)`` (numpy kernels), and
+    ``device_chunk`` does the same in plain torch on any device. Chunks are
+    ``column_chunk_width(n)`` columns wide; ``client_weights`` are the summed credits over ``d``,
+    and ``info(n, context)`` (default ``{}``) gives the result's ``info``.
+    """
+
+    def columns(block: Tensor, ctx: Any, width: int) -> ColumnPart:
+        return chunk_part(map_chunks(block, width, lambda x: chunk(x, ctx)))
+
+    def device_columns(block: Tensor, ctx: Any) -> ColumnPart:
+        return device_part(block, lambda x: device_chunk(x, ctx))
+
+    def finish(
+        updates: Tensor, weights: Tensor, ctx: Any, parts: list[tuple[int, ColumnPart]]
+    ) -> AggregationResult:
+        n, d = updates.shape
+        out, credit = stitch(n, parts)
+        extra = {} if info is None else info(n, ctx)
+        return AggregationResult(out, (credit / d).to(torch.float32), extra)
+
+    return ColumnPlan(prepare, lambda n, _: column_chunk_width(n), columns, finish, device_columns)
+
+
+def rank_window_plan(
+    prepare: Callable[..., Any],
+    window: Callable[[int, Any], tuple[int, int]],
+    info: Callable[[int, Any], dict[str, Any]] | None = None,
+) -> ColumnPlan:
+    """``chunked_plan`` of the mean of ranks ``window(n, context) = (lo, hi)`` (1-based) per
+    coordinate: ``rank_window_mean`` on the CPU, ``rank_window_mean_torch`` on a device."""
+
+    def chunk(x: Tensor, ctx: Any) -> tuple[Tensor, Tensor]:
+        return rank_window_mean(x, x, *window(x.shape[0], ctx))
+
+    def device_chunk(x: Tensor, ctx: Any) -> tuple[Tensor, Tensor]:
+        return rank_window_mean_torch(x, x, *window(x.shape[0], ctx))
+
+    return chunked_plan(prepare, chunk, device_chunk, info)
+
+
+def register_rank_rule(name: str, plan: ColumnPlan, **meta: Any) -> Callable[[AggregatorFn],
+                                                                           AggregatorFn]:
+    """``AGGREGATORS.register`` for a coordinate-wise order-statistic rule (median, trimmed
+    mean, Bulyan): robust, ignores client sizes, and splits by columns through ``plan``."""
+    return AGGREGATORS.register(name, robust=True, ignores_weights=True, column_plan=plan, **meta)
 
 
 # --------------------------------------------------------------------------------------------------

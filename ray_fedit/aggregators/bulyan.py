@@ -33,25 +33,19 @@ from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    ColumnPart,
-    ColumnPlan,
     _window_mean,
-    chunk_part,
-    column_chunk_width,
-    device_part,
-    map_chunks,
+    chunked_plan,
     pairwise_sq_distances,
     rank_window_mean,
     rank_window_mean_torch,
+    register_rank_rule,
     require_int,
     scratch,
     sorted_columns,
-    stitch,
     validate_inputs,
 )
 from ray_fedit.aggregators.krum import krum_order, krum_scores
 from ray_fedit.errors import AggregationError
-from ray_fedit.registry import AGGREGATORS
 
 
 def check_bulyan(n: int, f: int) -> None:
@@ -145,37 +139,20 @@ def _step2_chunk_torch(x: Tensor, rows: Tensor, beta: int) -> tuple[Tensor, Tens
     return mean, credit
 
 
-def _columns(block: Tensor, ctx: tuple[list[int], int], width: int) -> ColumnPart:
-    rows = np.array(sorted(ctx[0]))
-    return chunk_part(map_chunks(block, width, lambda x: _step2_chunk(x, rows, ctx[1])))
+def _chunk(x: Tensor, ctx: tuple[list[int], int]) -> tuple[Tensor, Tensor]:
+    return _step2_chunk(x, np.array(sorted(ctx[0])), ctx[1])
 
 
-def _device_columns(block: Tensor, ctx: tuple[list[int], int]) -> ColumnPart:
-    rows = torch.tensor(sorted(ctx[0]), device=block.device)
-    return device_part(block, lambda x: _step2_chunk_torch(x, rows, ctx[1]))
+def _device_chunk(x: Tensor, ctx: tuple[list[int], int]) -> tuple[Tensor, Tensor]:
+    return _step2_chunk_torch(x, torch.tensor(sorted(ctx[0]), device=x.device), ctx[1])
 
 
-def _finish(
-    updates: Tensor, weights: Tensor, ctx: tuple[list[int], int], parts: list[tuple[int, ColumnPart]]
-) -> AggregationResult:
-    out, credit = stitch(updates.shape[0], parts)
-    info = {"selected": sorted(ctx[0])}
-    return AggregationResult(out, (credit / updates.shape[1]).to(torch.float32), info)
-
-
-BULYAN = ColumnPlan(
-    _prepare, lambda n, _: column_chunk_width(n), _columns, _finish, _device_columns
+BULYAN = chunked_plan(
+    _prepare, _chunk, _device_chunk, lambda n, ctx: {"selected": sorted(ctx[0])}
 )
 
 
-@AGGREGATORS.register(
-    "bulyan",
-    check=_check,
-    robust=True,
-    ignores_weights=True,
-    reduces_to_mean={"f": 0},
-    column_plan=BULYAN,
-)
+@register_rank_rule("bulyan", BULYAN, check=_check, reduces_to_mean={"f": 0})
 def bulyan(updates: Tensor, weights: Tensor, *, f: int) -> AggregationResult:
     """Bulyan over the client updates.
 

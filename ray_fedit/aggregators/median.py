@@ -19,26 +19,17 @@ The rule is a ``ColumnPlan`` (``ray_fedit.aggregators.base``): its chunks can ru
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    ColumnPart,
-    ColumnPlan,
-    chunk_part,
-    column_chunk_width,
-    device_part,
-    map_chunks,
-    rank_window_mean,
-    rank_window_mean_torch,
-    stitch,
+    rank_window_plan,
+    register_rank_rule,
     validate_inputs,
 )
-from ray_fedit.registry import AGGREGATORS
 
 
-def _window(n: int) -> tuple[int, int]:
+def _window(n: int, _: None = None) -> tuple[int, int]:
     """The ranks averaged: the middle one, or the middle two for even ``n``."""
     return (n + 1) // 2, n // 2 + 1
 
@@ -47,31 +38,10 @@ def _prepare(updates: Tensor, weights: Tensor) -> None:
     validate_inputs(updates, weights)
 
 
-def _columns(block: Tensor, _: None, width: int) -> ColumnPart:
-    lo, hi = _window(block.shape[0])
-    return chunk_part(map_chunks(block, width, lambda x: rank_window_mean(x, x, lo, hi)))
+MEDIAN = rank_window_plan(_prepare, _window)
 
 
-def _device_columns(block: Tensor, _: None) -> ColumnPart:
-    lo, hi = _window(block.shape[0])
-    return device_part(block, lambda x: rank_window_mean_torch(x, x, lo, hi))
-
-
-def _finish(
-    updates: Tensor, weights: Tensor, _: None, parts: list[tuple[int, ColumnPart]]
-) -> AggregationResult:
-    out, credit = stitch(updates.shape[0], parts)
-    return AggregationResult(out, (credit / updates.shape[1]).to(torch.float32), {})
-
-
-MEDIAN = ColumnPlan(
-    _prepare, lambda n, _: column_chunk_width(n), _columns, _finish, _device_columns
-)
-
-
-@AGGREGATORS.register(
-    "median", robust=True, ignores_weights=True, reduces_to_mean=None, column_plan=MEDIAN
-)
+@register_rank_rule("median", MEDIAN, reduces_to_mean=None)
 def median(updates: Tensor, weights: Tensor) -> AggregationResult:
     """Coordinate-wise median of the client updates, in cache-sized column chunks.
 

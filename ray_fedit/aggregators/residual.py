@@ -58,6 +58,7 @@ from ray_fedit.aggregators.base import (
     AggregationResult,
     ColumnPart,
     ColumnPlan,
+    accepted_params,
     combine,
     keys_to_values,
     map_chunks,
@@ -325,19 +326,13 @@ class _Context:
     shard_size: int
 
 
-def _prepare(
-    updates: Tensor,
-    weights: Tensor,
-    *,
-    lam: float = 2.0,
-    threshold: float = 0.05,
-    shard_size: int = 2000,
-    tau_eps: float = 1e-7,
-) -> _Context:
+def _prepare(updates: Tensor, weights: Tensor, **params: Any) -> _Context:
+    """Input checks; ``params`` not given take ``residual``'s defaults (one signature holds them)."""
     p = validate_inputs(updates, weights)
-    n = updates.shape[0]
-    _check(n, {"lam": lam, "threshold": threshold, "shard_size": shard_size, "tau_eps": tau_eps})
-    return _Context(p, float(lam), float(threshold), float(tau_eps), shard_size)
+    kw = {**accepted_params("residual"), **params}
+    _check(updates.shape[0], kw)
+    return _Context(p, float(kw["lam"]), float(kw["threshold"]), float(kw["tau_eps"]),
+                    kw["shard_size"])
 
 
 def _width(n: int, ctx: _Context) -> int:

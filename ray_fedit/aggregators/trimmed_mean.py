@@ -22,26 +22,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    ColumnPart,
-    ColumnPlan,
-    chunk_part,
-    column_chunk_width,
-    device_part,
-    map_chunks,
-    rank_window_mean,
-    rank_window_mean_torch,
+    rank_window_plan,
+    register_rank_rule,
     require_int,
     require_number,
-    stitch,
     validate_inputs,
 )
 from ray_fedit.errors import AggregationError
-from ray_fedit.registry import AGGREGATORS
 
 PAPER_TRIM = 1  # FedLLM-Attack's trimmed_num
 
@@ -90,44 +81,24 @@ def _prepare(
     return resolve_trim(updates.shape[0], trim, trim_fraction), trim_fraction
 
 
-def _columns(block: Tensor, ctx: tuple[int, float | None], width: int) -> ColumnPart:
-    n, t = block.shape[0], ctx[0]
-    return chunk_part(
-        map_chunks(block, width, lambda x: rank_window_mean(x, x, t + 1, n - t))
-    )
+def _window(n: int, ctx: tuple[int, float | None]) -> tuple[int, int]:
+    """The ranks kept: all but the ``trim`` lowest and highest."""
+    return ctx[0] + 1, n - ctx[0]
 
 
-def _device_columns(block: Tensor, ctx: tuple[int, float | None]) -> ColumnPart:
-    n, t = block.shape[0], ctx[0]
-    return device_part(block, lambda x: rank_window_mean_torch(x, x, t + 1, n - t))
-
-
-def _finish(
-    updates: Tensor, weights: Tensor, ctx: tuple[int, float | None], parts: list[tuple[int, ColumnPart]]
-) -> AggregationResult:
-    n, d = updates.shape
+def _info(n: int, ctx: tuple[int, float | None]) -> dict[str, Any]:
     t, trim_fraction = ctx
-    out, credit = stitch(n, parts)
     info: dict[str, Any] = {"trim": t}
     if t == 0:
         info["fallback"] = (f"trimmed_mean: the trim floors to 0 with n={n} clients "
                             f"(trim_fraction={trim_fraction}), so nothing is cut: the plain mean")
-    return AggregationResult(out, (credit / d).to(torch.float32), info)
+    return info
 
 
-TRIMMED_MEAN = ColumnPlan(
-    _prepare, lambda n, _: column_chunk_width(n), _columns, _finish, _device_columns
-)
+TRIMMED_MEAN = rank_window_plan(_prepare, _window, _info)
 
 
-@AGGREGATORS.register(
-    "trimmed_mean",
-    check=_check,
-    robust=True,
-    ignores_weights=True,
-    reduces_to_mean={"trim": 0},
-    column_plan=TRIMMED_MEAN,
-)
+@register_rank_rule("trimmed_mean", TRIMMED_MEAN, check=_check, reduces_to_mean={"trim": 0})
 def trimmed_mean(
     updates: Tensor,
     weights: Tensor,
