@@ -78,6 +78,7 @@ __all__ = [
     "sq_distances_from_gram",
     "state_params",
     "stitch",
+    "thread_map",
     "validate_inputs",
 ]
 
@@ -697,12 +698,17 @@ def map_chunks(block: Tensor, width: int, fn: Callable[[Tensor], Any]) -> list[A
 
     The kernels are numpy sorts and array operations, which release the GIL.
     """
-    slices = list(_column_ranges(block.shape[1], width))
-    workers = max(1, min(torch.get_num_threads(), len(slices)))
+    return thread_map(lambda sl: fn(block[:, sl]), list(_column_ranges(block.shape[1], width)))
+
+
+def thread_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``torch.get_num_threads()`` threads, results in order (for
+    numpy work, which releases the GIL)."""
+    workers = max(1, min(torch.get_num_threads(), len(items)))
     if workers == 1:
-        return [fn(block[:, sl]) for sl in slices]
+        return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda sl: fn(block[:, sl]), slices))
+        return list(pool.map(fn, items))
 
 
 def stitch(n: int, parts: list[tuple[int, ColumnPart]]) -> tuple[Tensor | None, Tensor]:

@@ -67,6 +67,7 @@ from ray_fedit.aggregators.base import (
     require_number,
     scratch,
     stitch,
+    thread_map,
     validate_inputs,
 )
 from ray_fedit.errors import AggregationError
@@ -202,15 +203,15 @@ def _sort_with_order(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     One int64 sort of ``(order key << 32) | client`` gives both at once.
     """
     c, n = y.shape
+    keys = scratch("keys", (c, n), np.int32)
     packed = scratch("packed", (c, n), np.int64)
-    np.copyto(packed, order_keys(y))
+    np.copyto(packed, order_keys(y, out=keys))
     packed <<= 32
     packed |= np.arange(n, dtype=np.int64)
     packed.sort(axis=1)
-    order = packed & 0xFFFFFFFF
-    keys = scratch("keys", (c, n), np.int32)
     np.right_shift(packed, 32, out=keys, casting="unsafe")
-    return keys_to_values(keys), order
+    packed &= 0xFFFFFFFF  # the clients, in place (the buffer is not read again for keys)
+    return keys_to_values(keys), packed
 
 
 def _repeated_median_slope(ys: np.ndarray) -> np.ndarray:
@@ -296,9 +297,10 @@ def residual_chunk(
     spread = w.std(axis=1, ddof=1, dtype=np.float64).astype(np.float32)
     np.multiply(w, spread[:, None], out=size)
     confidence = size.sum(axis=0, dtype=np.float64)
-    mask = w < np.float32(threshold)
-    mask &= line != y
-    return confidence, (np.packbits(mask), (line - y)[mask])
+    mask = np.less(w, np.float32(threshold), out=near)
+    mask &= np.not_equal(line, y, out=scratch("moved", (c, n), np.bool_))
+    fix = np.subtract(line, y, out=resid)  # the residuals are not needed any more
+    return confidence, (np.packbits(mask), fix[mask])
 
 
 def residual_chunk_torch(
@@ -338,6 +340,9 @@ def _prepare(updates: Tensor, weights: Tensor, **params: Any) -> _Context:
 def _width(n: int, ctx: _Context) -> int:
     return ctx.shard_size
 
+
+# Chunks whose clip masks are decoded at once in ``_finish`` (their indices are held until added).
+_DECODE_BATCH = 32
 
 # Coordinates per torch call on a device: bounds the (s, n, n) slopes to 2**26 floats (256 MB).
 _DEVICE_SLOPE_ELEMS = 1 << 26
@@ -396,17 +401,23 @@ def _finish(
     coeffs = ctx.p if no_separation else mean_over_scaled(ctx.p, (confidence / top) ** 2)
     aggregate = combine(updates, coeffs)
     # The clipped values enter as corrections (line - y) * c_i, so no second (n, d) matrix exists.
+    # Decoding the masks runs on threads; the corrections are added in column order.
+    def decode(chunk: tuple[int, int, np.ndarray, np.ndarray]) -> tuple[Tensor, Tensor]:
+        start, c, bits, vals = chunk
+        cols, rows = np.unpackbits(bits, count=c * n).reshape(c, n).nonzero()
+        # Parts from Ray tasks hold read-only arrays; torch wants writable ones.
+        vals = np.require(vals, requirements="W")
+        fix = torch.from_numpy(vals) * coeffs[torch.from_numpy(rows)]
+        return torch.from_numpy(cols + start), fix
+
+    chunks = [(block_start + first, c, bits, vals)
+              for block_start, part in parts for first, c, bits, vals in part.extra]
     n_fixed = 0
-    for block_start, part in parts:
-        for first, c, bits, vals in part.extra:
-            start = block_start + first
-            cols, rows = np.unpackbits(bits, count=c * n).reshape(c, n).nonzero()
-            if cols.size:
-                n_fixed += cols.size
-                # Parts from Ray tasks hold read-only arrays; torch wants writable ones.
-                vals = np.require(vals, requirements="W")
-                fix = torch.from_numpy(vals) * coeffs[torch.from_numpy(rows)]
-                aggregate.index_add_(0, torch.from_numpy(cols + start), fix)
+    for at in range(0, len(chunks), _DECODE_BATCH):  # batches bound the decoded indices held
+        for cols, fix in thread_map(decode, chunks[at : at + _DECODE_BATCH]):
+            if cols.numel():
+                n_fixed += cols.numel()
+                aggregate.index_add_(0, cols, fix)
     info: dict[str, Any] = {
         "confidence": confidence.tolist(),
         "clipped_fraction": n_fixed / (n * d),
