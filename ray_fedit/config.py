@@ -176,6 +176,39 @@ class AggregatorConfig(Section):
         " x malicious_fraction), the paper's oracle; required by rules that take f",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    num_shards: PositiveInt = Field(1, description="coordinate shards aggregated as parallel Ray "
+                                    "tasks (same result bitwise); 1 = in the driver process. Only "
+                                    "rules with a column plan: median, trimmed_mean, bulyan (its "
+                                    "coordinate-wise step), residual")
+    cpus_per_shard: Annotated[float, Field(gt=0.0)] = Field(1.0, description="CPUs each shard task "
+                                                            "reserves; its threads = max(1, floor)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where in-process aggregation "
+                                                   "runs; auto = cuda if torch.cuda.is_available() "
+                                                   "and the rule has a column plan, else cpu. cuda "
+                                                   "needs num_shards=1")
+
+    @model_validator(mode="after")
+    def _placement_fits_rule(self) -> AggregatorConfig:
+        if self.num_shards == 1 and self.device != "cuda":
+            return self
+        # Imported here: the registry imports the (Ray-free) rule modules on first use.
+        from ray_fedit.aggregators.base import column_plan
+        from ray_fedit.registry import AGGREGATORS, RegistryError
+
+        try:
+            plan = column_plan(self.name)
+        except RegistryError:
+            return self  # RunConfig reports the unknown name
+        what = f"num_shards={self.num_shards}" if self.num_shards > 1 else "device=cuda"
+        if plan is None:
+            splits = [r for r in AGGREGATORS.names() if column_plan(r) is not None]
+            raise ValueError(f"{what} needs a rule that splits by coordinates ({', '.join(splits)}"
+                             f"); {self.name!r} does not. Fix: set num_shards=1 and device=cpu "
+                             "(or auto)")
+        if self.num_shards > 1 and self.device == "cuda":
+            raise ValueError("num_shards > 1 runs the shards on CPU Ray tasks and device=cuda runs "
+                             "in the driver process; choose one")
+        return self
 
 
 class DefenseConfig(Section):

@@ -12,23 +12,36 @@ Assumptions: fewer than half of the clients are Byzantine in every coordinate. C
 ignored, as in Yin et al. and the paper. ``client_weights[i]`` is the fraction of coordinates whose
 median is client ``i``'s value (half a coordinate for each middle value when ``n`` is even; ties
 share equally).
+
+The rule is a ``ColumnPlan`` (``ray_fedit.aggregators.base``): its chunks can run in Ray shards
+(``ray_fedit.federation.sharded``) or, through ``rank_window_mean_torch``, on a GPU.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    coordinatewise,
-    rank_window_mean,
+    rank_window_plan,
+    register_rank_rule,
     validate_inputs,
 )
-from ray_fedit.registry import AGGREGATORS
 
 
-@AGGREGATORS.register("median", robust=True, ignores_weights=True, reduces_to_mean=None)
+def _window(n: int, _: None = None) -> tuple[int, int]:
+    """The ranks averaged: the middle one, or the middle two for even ``n``."""
+    return (n + 1) // 2, n // 2 + 1
+
+
+def _prepare(updates: Tensor, weights: Tensor) -> None:
+    validate_inputs(updates, weights)
+
+
+MEDIAN = rank_window_plan(_prepare, _window)
+
+
+@register_rank_rule("median", MEDIAN, reduces_to_mean=None)
 def median(updates: Tensor, weights: Tensor) -> AggregationResult:
     """Coordinate-wise median of the client updates, in cache-sized column chunks.
 
@@ -42,9 +55,4 @@ def median(updates: Tensor, weights: Tensor) -> AggregationResult:
     Raises:
         AggregationError: invalid inputs.
     """
-    validate_inputs(updates, weights)
-    n, d = updates.shape
-    out, credit = coordinatewise(
-        updates, lambda x: rank_window_mean(x, x, (n + 1) // 2, n // 2 + 1)
-    )
-    return AggregationResult(out, (credit / d).to(torch.float32), {})
+    return MEDIAN(updates, weights)

@@ -12,6 +12,9 @@ clients and ``trim = 1`` this equals the coordinate-wise median.
 Assumptions: at most ``trim`` Byzantine values per coordinate on each side; ``n > 2 trim``. Client
 sizes are ignored (Yin et al.). ``client_weights[i]`` is the fraction of the kept slots that client
 ``i``'s values filled, averaged over coordinates (ties at the cut share equally).
+
+The rule is a ``ColumnPlan`` (``ray_fedit.aggregators.base``): its chunks can run in Ray shards
+(``ray_fedit.federation.sharded``) or, through ``rank_window_mean_torch``, on a GPU.
 """
 
 from __future__ import annotations
@@ -19,19 +22,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ray_fedit.aggregators.base import (
     AggregationResult,
-    coordinatewise,
-    rank_window_mean,
+    rank_window_plan,
+    register_rank_rule,
     require_int,
     require_number,
     validate_inputs,
 )
 from ray_fedit.errors import AggregationError
-from ray_fedit.registry import AGGREGATORS
 
 PAPER_TRIM = 1  # FedLLM-Attack's trimmed_num
 
@@ -68,9 +69,36 @@ def _check(n: int, params: dict[str, Any]) -> None:
     resolve_trim(n, params["trim"], params["trim_fraction"])
 
 
-@AGGREGATORS.register(
-    "trimmed_mean", check=_check, robust=True, ignores_weights=True, reduces_to_mean={"trim": 0}
-)
+def _prepare(
+    updates: Tensor,
+    weights: Tensor,
+    *,
+    trim: int | None = None,
+    trim_fraction: float | None = None,
+) -> tuple[int, float | None]:
+    """Input checks; the context is the resolved trim (and the fraction, for the message)."""
+    validate_inputs(updates, weights)
+    return resolve_trim(updates.shape[0], trim, trim_fraction), trim_fraction
+
+
+def _window(n: int, ctx: tuple[int, float | None]) -> tuple[int, int]:
+    """The ranks kept: all but the ``trim`` lowest and highest."""
+    return ctx[0] + 1, n - ctx[0]
+
+
+def _info(n: int, ctx: tuple[int, float | None]) -> dict[str, Any]:
+    t, trim_fraction = ctx
+    info: dict[str, Any] = {"trim": t}
+    if t == 0:
+        info["fallback"] = (f"trimmed_mean: the trim floors to 0 with n={n} clients "
+                            f"(trim_fraction={trim_fraction}), so nothing is cut: the plain mean")
+    return info
+
+
+TRIMMED_MEAN = rank_window_plan(_prepare, _window, _info)
+
+
+@register_rank_rule("trimmed_mean", TRIMMED_MEAN, check=_check, reduces_to_mean={"trim": 0})
 def trimmed_mean(
     updates: Tensor,
     weights: Tensor,
@@ -92,12 +120,4 @@ def trimmed_mean(
     Raises:
         AggregationError: invalid inputs or ``2 * trim >= n``.
     """
-    validate_inputs(updates, weights)
-    n, d = updates.shape
-    t = resolve_trim(n, trim, trim_fraction)
-    out, credit = coordinatewise(updates, lambda x: rank_window_mean(x, x, t + 1, n - t))
-    info: dict[str, Any] = {"trim": t}
-    if t == 0:
-        info["fallback"] = (f"trimmed_mean: the trim floors to 0 with n={n} clients "
-                            f"(trim_fraction={trim_fraction}), so nothing is cut: the plain mean")
-    return AggregationResult(out, (credit / d).to(torch.float32), info)
+    return TRIMMED_MEAN(updates, weights, trim=trim, trim_fraction=trim_fraction)

@@ -8,7 +8,9 @@ One round (``FederationDriver._round``), top to bottom::
     eval_every rounds) -> checkpoint -> log
 
 The maths lives in Ray-free modules (``sampling``, ``sft``, ``server_opt``, ``updates``,
-``rule_state``, ``checkpoint``); the dispatch, retries and timeouts in ``pool``.
+``rule_state``, ``checkpoint``); the dispatch, retries and timeouts in ``pool``. Where the rule runs
+(in this actor, on coordinate shards as Ray tasks, or on a GPU: ``aggregator.num_shards`` and
+``aggregator.device``) is ``sharded.run_rule``'s business.
 :func:`run_federation` is the entry point the pipeline and the CLI call.
 
 Outputs in the run directory: ``rounds.jsonl`` (one JSON line per round),
@@ -33,11 +35,11 @@ import numpy as np
 import ray
 import torch
 
-from ray_fedit.aggregators import AGGREGATORS, AggregationResult, aggregate
+from ray_fedit.aggregators import AGGREGATORS, AggregationResult
 from ray_fedit.config import RunConfig
 from ray_fedit.errors import CheckpointError, ClientFailure, ConfigError
 from ray_fedit.federation import checkpoint as ckpt
-from ray_fedit.federation import rule_state
+from ray_fedit.federation import rule_state, sharded
 from ray_fedit.federation.pool import WorkerPool
 from ray_fedit.federation.sampling import NO_CLIENT, derive_seed, sample_clients
 from ray_fedit.federation.server_opt import ServerOptConfig, init_state, server_step
@@ -312,7 +314,10 @@ class FederationDriver:
         name = self.cfg.aggregator.name
         state = rule_state.round_state(name, self.state.rule, client_ids=ids, dim=self.codec.dim,
                                        seed=self.cfg.seed, round_index=rnd)
-        agg = aggregate(name, deltas, weights, state=state, **self.cfg.aggregator_params())
+        # One shard on the CPU (the default) is ``aggregate`` in this process; otherwise the
+        # rule's coordinate-wise step runs in Ray shard tasks or on this process's GPU.
+        agg = sharded.run_rule(self.cfg.aggregator, name, deltas, weights, state=state,
+                               **self.cfg.aggregator_params())
         rule_state.advance(name, self.state.rule, client_ids=ids, updates=deltas,
                            aggregate=agg.aggregate)
         if self._plain_mean is not None:

@@ -69,3 +69,17 @@ def test_the_paired_no_attack_federation_samples_the_same_clients(ray_session, t
     clean = run_federation(cfg, tmp_path / "clean", make_clients(6), sampling_strata=[1, 4])
     assert [r["sampled"] for r in clean.rounds] == [r["sampled"] for r in attacked.rounds]
     assert all(not c["malicious"] for r in clean.rounds for c in r["clients"])
+
+
+def test_the_driver_places_the_rule_by_the_aggregator_section(ray_session, tmp_path):
+    """aggregator.num_shards reaches the driver: residual on 2 coordinate shards (Ray tasks on the
+    CPU the one worker leaves free) gives the in-process run's adapter bitwise, and every round's
+    record says how many shards ran."""
+    rule = ("aggregator.name=residual", "aggregator.params={shard_size: 256}")
+    clients = make_clients(4, malicious=(1,))
+    local = run_federation(config(*ONE, *rule), tmp_path / "local", clients)
+    shards = run_federation(config(*ONE, *rule, "aggregator.num_shards=2"), tmp_path / "shards",
+                            clients)
+    np.testing.assert_array_equal(shards.global_vector, local.global_vector)
+    assert all("shards" not in r["aggregator_info"] for r in read_rounds(tmp_path / "local"))
+    assert [r["aggregator_info"]["shards"] for r in read_rounds(tmp_path / "shards")] == [2, 2, 2]

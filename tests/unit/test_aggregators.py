@@ -388,6 +388,18 @@ def test_residual_with_three_clients_cannot_separate_them():
     assert res.info["no_separation"] is True
 
 
+def test_residual_says_when_it_cannot_separate_the_clients():
+    """The no-separation case is a fallback (the size-weighted mean of the clipped values), so it
+    is reported in info["fallback"] like the other rules' fallbacks; a round that separates the
+    clients reports none."""
+    res = aggregate("residual", t([[0], [1], [5]]), t([1, 2, 1]))
+    assert res.info["no_separation"] is True
+    assert "residual" in res.info["fallback"] and "n=3" in res.info["fallback"]
+    assert "\n" not in res.info["fallback"]
+    separated = aggregate("residual", t([[10, 7], [0, 7], [2, 7], [1, 7]]), ones(4))
+    assert separated.info["no_separation"] is False and "fallback" not in separated.info
+
+
 # ------------------------------------------------------------------------------------------------
 # norm clipping, geometric median, centered clipping
 # ------------------------------------------------------------------------------------------------
@@ -648,3 +660,211 @@ def test_trimmed_mean_says_when_its_trim_floors_to_zero():
     res = aggregate("trimmed_mean", u, ones(4), trim_fraction=0.2)
     assert res.aggregate.tolist() == [3.0] and "floors to 0" in res.info["fallback"]
     assert "fallback" not in aggregate("trimmed_mean", u, ones(4), trim=1).info
+
+
+# ------------------------------------------------------------------------------------------------
+# Residual: the vectorised kernel against the previous per-shard torch implementation
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_median_last(x: torch.Tensor) -> torch.Tensor:
+    m = x.shape[-1]
+    return x[..., m // 2] if m % 2 else (x[..., m // 2 - 1] + x[..., m // 2]) / 2.0
+
+
+def _reference_residual(updates, weights, lam=2.0, threshold=0.05, shard_size=2000, tau_eps=1e-7):
+    """The residual rule as implemented before the vectorised kernel (kept verbatim as the
+    reference): every shard materialises its (s, n, n) slopes and sorts them with torch."""
+    p = weights.double() / weights.double().sum()
+    n, d = updates.shape
+    confidence = torch.zeros(n, dtype=torch.float64)
+    fix_cols, fix_rows, fix_vals = [], [], []
+    for start in range(0, d, shard_size):
+        y = updates[:, start : start + shard_size].T.contiguous()
+        s = y.shape[0]
+        order = torch.sort(y, dim=1, stable=True)
+        ys = order.values
+        ranks = torch.empty_like(y)
+        ranks.scatter_(1, order.indices, torch.arange(n, dtype=y.dtype).expand(s, n))
+        gap = torch.arange(n, dtype=y.dtype)
+        gap = gap[:, None] - gap[None, :]
+        gap.fill_diagonal_(1.0)
+        slopes = (ys[:, :, None] - ys[:, None, :]) / gap
+        slopes.diagonal(dim1=1, dim2=2).fill_(math.inf)
+        inner = _reference_median_last(torch.sort(slopes, dim=2).values[..., : n - 1])
+        slope = _reference_median_last(torch.sort(inner, dim=1).values)
+        intercept = _reference_median_last(ys) - slope * (n - 1) / 2.0
+        line = intercept[:, None] + slope[:, None] * ranks
+        resid = y - line
+        spread = _reference_median_last(torch.sort(resid.abs(), dim=1).values[:, 1:])
+        e = resid / (1.4826 * (1.0 + 5.0 / (n - 1)) * spread + tau_eps)[:, None]
+        leverage = 1.0 / n + (ranks - (n - 1) / 2.0) ** 2 / (n * (n * n - 1) / 12.0)
+        k = lam * math.sqrt(2.0 / n)
+        z = e.abs() / torch.sqrt(1.0 - leverage)
+        w = torch.where(z <= k, 1.0, k / z)
+        confidence += (w * w.std(dim=1, keepdim=True)).sum(dim=0, dtype=torch.float64)
+        clipped = torch.where(w >= threshold, y, line)
+        cols, rows = (clipped != y).nonzero(as_tuple=True)
+        fix_cols.append(cols + start)
+        fix_rows.append(rows)
+        fix_vals.append(clipped[cols, rows] - y[cols, rows])
+    top = float(confidence.max())
+    if top <= 0.0:
+        coeffs = p.float()
+    else:
+        raw = p * (confidence / top) ** 2
+        coeffs = (raw / raw.sum()).float()
+    aggregate = coeffs @ updates
+    cols, rows, vals = torch.cat(fix_cols), torch.cat(fix_rows), torch.cat(fix_vals)
+    aggregate.index_add_(0, cols, vals * coeffs[rows])
+    return aggregate, coeffs, confidence, int(cols.numel()) / (n * d)
+
+
+@pytest.mark.parametrize(
+    "n,d,shard_size", [(3, 40, 2000), (4, 9, 4), (6, 300, 64), (11, 257, 100), (50, 120, 2000)]
+)
+def test_residual_matches_the_previous_implementation(n, d, shard_size):
+    """Random rounds with unequal sizes, an outlying minority, tied values and all-zero columns.
+
+    The kernel repeats the reference's float32 operations, so on this machine the results are
+    bitwise equal; the assertion allows 1e-6 relative (other CPUs may round torch's vectorised
+    sqrt differently in the last bit, which can move a value across the clipping threshold only
+    in a measure-zero case).
+    """
+    gen = torch.Generator().manual_seed(n * 1000 + d)
+    u = torch.randn(n, d, generator=gen)
+    u[-max(1, n // 5) :] *= 6.0
+    u[0, : d // 3] = u[1, : d // 3]  # ties
+    u[:, d // 2] = 0.0
+    sizes = torch.randint(1, 9, (n,), generator=gen).float()
+    agg, coeffs, conf, clipped = _reference_residual(u, sizes, shard_size=shard_size)
+    res = aggregate("residual", u, sizes, shard_size=shard_size)
+    scale = float(agg.abs().max())
+    torch.testing.assert_close(res.aggregate, agg, rtol=1e-6, atol=1e-6 * scale)
+    torch.testing.assert_close(res.client_weights, coeffs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(res.info["confidence"], dtype=torch.float64), conf, rtol=1e-6, atol=1e-9
+    )
+    assert res.info["clipped_fraction"] == pytest.approx(clipped, abs=1.0 / (n * d))
+
+
+# ------------------------------------------------------------------------------------------------
+# Column plans: shards and devices give the in-process result
+# ------------------------------------------------------------------------------------------------
+
+SPLIT_RULES = [("median", {}), ("trimmed_mean", {"trim": 2}), ("bulyan", {"f": 2}),
+               ("residual", {"shard_size": 5})]
+
+
+def test_shard_bounds_start_at_chunk_multiples():
+    """d = 10, width 3 -> 4 chunks [0,3) [3,6) [6,9) [9,10); 3 shards get 2, 1, 1 chunks."""
+    assert base.shard_bounds(10, 3, 3) == [(0, 6), (6, 9), (9, 10)]
+    assert base.shard_bounds(10, 3, 1) == [(0, 10)]
+    assert base.shard_bounds(10, 3, 7) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # only 4 chunks
+    assert base.shard_bounds(9, 3, 2) == [(0, 6), (6, 9)]
+
+
+@pytest.mark.parametrize("name,params", SPLIT_RULES)
+def test_shards_give_the_in_process_result_bitwise(monkeypatch, name, params):
+    """Every column plan, blocks of 1, 2, 3 and 7 shards (d = 43 is divisible by none), both as
+    tensor views and as the row segments a Ray shard receives: aggregate and client weights equal
+    bitwise, and info equal."""
+    from ray_fedit.federation.sharded import RowBlock
+
+    monkeypatch.setattr(base, "_CHUNK_ELEMS", 44)  # 4 columns per chunk at n = 11
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(11, 43, generator=gen)
+    u[-2:] *= 5.0
+    u[:, 7] = 0.0  # a tie class across every window edge
+    sizes = torch.randint(1, 5, (11,), generator=gen).float()
+    whole = aggregate(name, u, sizes, **params)
+    plan = base.column_plan(name)
+    ctx = plan.prepare(u, sizes, **params)
+    width = plan.width(11, ctx)
+    for shards in (1, 2, 3, 7):
+        bounds = base.shard_bounds(43, width, shards)
+        for as_rows in (False, True):
+            def block(a, b, as_rows=as_rows):
+                return RowBlock([r[a:b] for r in u.numpy()]) if as_rows else u[:, a:b]
+
+            parts = [(a, plan.columns(block(a, b), ctx, width)) for a, b in bounds]
+            res = plan.finish(u, sizes, ctx, parts)
+            assert torch.equal(res.aggregate, whole.aggregate), (shards, as_rows)
+            assert torch.equal(res.client_weights, whole.client_weights), (shards, as_rows)
+            assert res.info == whole.info
+
+
+@pytest.mark.parametrize("name,params", SPLIT_RULES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_device_step_in_torch_matches_the_cpu_kernels(name, params, ties):
+    """The torch step (what runs on CUDA), here on CPU tensors, against the numpy kernels; integer
+    values make tie classes cross every window edge. Tolerance: float32 rounding of sums taken in
+    another order (1e-5 relative)."""
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randint(-2, 3, (11, 30), generator=gen).float() if ties else torch.randn(11, 30)
+    sizes = torch.arange(1.0, 12.0)
+    cpu = aggregate(name, u, sizes, **params)
+    dev = base.run_on_device(name, u, sizes, torch.device("cpu"), **params)
+    torch.testing.assert_close(dev.aggregate, cpu.aggregate, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dev.client_weights, cpu.client_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_rules_without_a_column_plan_have_no_device_step():
+    assert base.column_plan("krum") is None
+    with pytest.raises(AggregationError, match="no device step"):
+        base.run_on_device("krum", torch.ones(5, 2), ones(5), torch.device("cpu"), f=1)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_setting_resolves_by_rule_and_availability(monkeypatch, cuda):
+    """auto -> cuda only with a visible GPU and a rule with a device step; cuda without a GPU or
+    for such a rule is an error that says what to set instead."""
+    from ray_fedit.federation import sharded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert sharded.resolve_device("cpu", "median").type == "cpu"
+    assert sharded.resolve_device("auto", "median").type == ("cuda" if cuda else "cpu")
+    assert sharded.resolve_device("auto", "krum").type == "cpu"
+    with pytest.raises(AggregationError, match="no device step"):
+        sharded.resolve_device("cuda", "krum")
+    if cuda:
+        assert sharded.resolve_device("cuda", "residual").type == "cuda"
+    else:
+        with pytest.raises(AggregationError, match="sees no GPU"):
+            sharded.resolve_device("cuda", "residual")
+
+
+@pytest.mark.parametrize("device,cuda,expected", [
+    ("cpu", True, "aggregate"), ("auto", False, "aggregate"), ("auto", True, "cuda"),
+    ("cuda", True, "cuda"),
+])
+def test_run_rule_dispatches_by_resolved_device(monkeypatch, device, cuda, expected):
+    from ray_fedit.config import AggregatorConfig
+    from ray_fedit.federation import sharded
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(sharded, "aggregate", lambda *a, **k: calls.append("aggregate") or
+                        AggregationResult(torch.zeros(2), torch.ones(3) / 3, {}))
+    monkeypatch.setattr(sharded, "run_on_device", lambda name, u, w, dev, **k: calls.append(
+        dev.type) or AggregationResult(torch.zeros(2), torch.ones(3) / 3, {}))
+    res = sharded.run_rule(AggregatorConfig(name="median", device=device), "median",
+                           torch.ones(3, 2), ones(3))
+    assert calls == [expected]
+    assert res.info.get("device") == ("cuda" if expected == "cuda" else None)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"name": "krum", "num_shards": 2}, "splits by coordinates"),
+    ({"name": "geometric_median", "device": "cuda"}, "device=cuda needs"),
+    ({"name": "median", "num_shards": 2, "device": "cuda"}, "choose one"),
+])
+def test_aggregator_config_rejects_placements_the_rule_cannot_use(fields, needle):
+    from pydantic import ValidationError
+
+    from ray_fedit.config import AggregatorConfig
+
+    with pytest.raises(ValidationError, match=needle):
+        AggregatorConfig(**fields)
+    AggregatorConfig(name="residual", num_shards=4, cpus_per_shard=2.0, device="auto")
+    AggregatorConfig(name="krum", device="auto")

@@ -23,8 +23,8 @@ importlib.import_module(sys.argv[1])
 RAY_FREE = ["ray_fedit.config", "ray_fedit.registry", "ray_fedit.models.codec",
             "ray_fedit.aggregators", "ray_fedit.attacks", "ray_fedit.data",
             "ray_fedit.data.partition", "ray_fedit.defenses.posthoc_math",
-            "ray_fedit.federation.rule_state", "ray_fedit.judges.probe",
-            "ray_fedit.evaluation.summary", "ray_fedit.evaluation.paired"]
+            "ray_fedit.federation.rule_state", "ray_fedit.federation.sharded",
+            "ray_fedit.judges.probe", "ray_fedit.evaluation.summary", "ray_fedit.evaluation.paired"]
 
 
 @pytest.mark.parametrize("module", RAY_FREE)
