@@ -240,7 +240,7 @@ def _load_clients(path: Path, num_clients: int) -> list[list[Record]]:
 
 
 def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[int],
-              resume: bool, sampling_strata: list[int] | None = None) -> str:
+              resume: bool, pool: Any, sampling_strata: list[int] | None = None) -> str:
     from ray_fedit.federation import ClientSpec, run_federation
 
     clients = _load_clients(clients_file, cfg.federation.num_clients)
@@ -254,7 +254,7 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
                                    benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
     has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
     result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
-                            sampling_strata=sampling_strata)
+                            sampling_strata=sampling_strata, pool=pool)
     if result.adapter_dir is None:
         raise CheckpointError(f"federation in {run.root} stopped after {result.rounds_completed} rounds")
     return str(result.adapter_dir)
@@ -262,13 +262,18 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
 
 def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bool = False
                    ) -> dict[str, Any]:
+    from ray_fedit.federation import WorkerPool
+
     malicious = done["prepare"]["malicious_ids"]
-    out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume)}
-    if cfg.attack.compare_no_attack:
-        clean_cfg = no_attack_config(cfg)
-        out[NO_ATTACK] = _federate(clean_cfg, RunDir(run.root / NO_ATTACK),
-                                   run.data / "clients_no_attack.parquet", [], resume,
-                                   sampling_strata=malicious)
+    # One pool for both federations: the workers read no attack settings, so they load the
+    # model once and the no-attack run gets the same bits as on a pool of its own.
+    with WorkerPool(cfg) as pool:
+        out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume,
+                                   pool)}
+        if cfg.attack.compare_no_attack:
+            out[NO_ATTACK] = _federate(no_attack_config(cfg), RunDir(run.root / NO_ATTACK),
+                                       run.data / "clients_no_attack.parquet", [], resume, pool,
+                                       sampling_strata=malicious)
     return {"adapters": out}
 
 
