@@ -455,24 +455,29 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     print(f"run directory: {run.root}", flush=True)
     ensure_ray()
     progress = Progress(chosen)
-    for i, stage in enumerate(chosen):
-        if stage in done:
-            print(f"[{i + 1}/{len(chosen)} {stage}] already done; skipped", flush=True)
-            continue
-        missing = [s for s in STAGES[: STAGES.index(stage)] if s in _needs(stage) and s not in done]
-        if missing:
-            raise ConfigError(f"stage {stage!r} needs {missing} first; run them (or all stages)")
-        t0 = progress.begin(i, stage)
-        fn = STAGE_FNS[stage]
-        try:
-            outputs = (fn(cfg, run, done, resume=resume) if stage == "federate"
-                       else fn(cfg, run, done))
-        except (Exception, KeyboardInterrupt) as e:
-            raise RunFailed(stage, e, run.root, _log_failure(run, stage, e)) from e
-        write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
-                                                "seconds": round(time.perf_counter() - t0, 1)})
-        done[stage] = outputs
-        progress.end(i, stage, t0)
+    try:
+        for i, stage in enumerate(chosen):
+            if stage in done:
+                print(f"[{i + 1}/{len(chosen)} {stage}] already done; skipped", flush=True)
+                continue
+            missing = [s for s in STAGES[: STAGES.index(stage)] if s in _needs(stage) and s not in done]
+            if missing:
+                raise ConfigError(f"stage {stage!r} needs {missing} first; run them (or all stages)")
+            t0 = progress.begin(i, stage)
+            fn = STAGE_FNS[stage]
+            try:
+                outputs = (fn(cfg, run, done, resume=resume) if stage == "federate"
+                           else fn(cfg, run, done))
+            except (Exception, KeyboardInterrupt) as e:
+                raise RunFailed(stage, e, run.root, _log_failure(run, stage, e)) from e
+            write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
+                                                    "seconds": round(time.perf_counter() - t0, 1)})
+            done[stage] = outputs
+            progress.end(i, stage, t0)
+    finally:
+        from ray_fedit.generation import resident
+
+        resident.release()  # the run's generation actor; the next run loads its own
     metrics = collect_metrics(run.root / "eval")
     if metrics:
         print("\n" + summary_table(metrics, paired_effects(run.root / "eval")), flush=True)
