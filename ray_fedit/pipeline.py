@@ -87,14 +87,26 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
-    start a private local instance; quiet Ray Data's per-dataset progress logs.
+def wants_dashboard(stages: Sequence[str]) -> bool:
+    """Whether a private local Ray for ``stages`` starts the dashboard.
 
-    A private local instance starts with the dashboard: Ray Train's placement-group cleaner (the
-    defense stage) queries the state API it serves, and without it logs a warning every few
-    seconds. ``RAY_FEDIT_DASHBOARD=0`` starts without it (2-3 s less of ``ray.init`` on 2 cores)
-    for runs without the defense stage.
+    Only the defense stage needs it: Ray Train's placement-group cleaner queries the state API
+    the dashboard serves, and without it logs a warning every few seconds. Everything else runs
+    without, which saves most of ``ray.init`` (``benchmarks/ray_init.py``; docs/federation.md).
+    ``RAY_FEDIT_DASHBOARD=1`` or ``=0`` forces it on or off.
+    """
+    import os
+
+    forced = os.environ.get("RAY_FEDIT_DASHBOARD")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return "defend" in stages
+
+
+def ensure_ray(stages: Sequence[str] = STAGES) -> None:
+    """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
+    start a private local instance for ``stages`` (with the dashboard when
+    :func:`wants_dashboard`); quiet Ray Data's per-dataset progress logs.
     """
     import os
 
@@ -102,8 +114,7 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        extra = ({"include_dashboard": os.environ.get("RAY_FEDIT_DASHBOARD", "1") != "0"}
-                 if address == "local" else {})
+        extra = {"include_dashboard": wants_dashboard(stages)} if address == "local" else {}
         ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
     import ray.data
@@ -453,7 +464,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     else:
         run = existing
     print(f"run directory: {run.root}", flush=True)
-    ensure_ray()
+    ensure_ray([s for s in chosen if s not in done])
     progress = Progress(chosen)
     try:
         for i, stage in enumerate(chosen):
@@ -519,7 +530,7 @@ def resume_run(run_dir: Path, stages: Sequence[str] | None = None) -> dict[str, 
 def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str | None) -> None:
     from ray_fedit.generation import generate_dataset
 
-    ensure_ray()
+    ensure_ray(stages=())
     data = generate_dataset(kind, cfg, out_dir=out, adapter_dir=adapter)  # type: ignore[arg-type]
     print(f"{kind}: {len(data.records)} rows -> {data.path}{' (cache hit)' if data.cache_hit else ''}")
     print(json.dumps(data.stats, indent=2, default=str))
@@ -567,7 +578,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None, out: str | None,
                               f"this evaluation over it, --resume {out_dir} to finish the one there, "
                               "or name another directory")
     check_data_files(cfg, ["evaluate"])
-    ensure_ray()
+    ensure_ray(stages=())
     if resume is not None and (Path(resume) / HELDOUT_FILE).is_file():
         target = Path(resume)
         benign = from_rows(_read_records(target / HELDOUT_FILE))
