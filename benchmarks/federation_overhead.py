@@ -25,6 +25,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,8 +55,12 @@ def make_clients(num_clients: int, per_client: int) -> list[list[Record]]:
     return out
 
 
-def baseline(cfg: RunConfig, clients: list[list[Record]]) -> tuple[list[float], np.ndarray]:
-    """The same client work in one process: sequential clients, mean of deltas, no Ray."""
+def baseline(cfg: RunConfig, clients: list[list[Record]],
+             sample: Callable[[int], Sequence[int]] | None = None) -> tuple[list[float], np.ndarray]:
+    """The same client work in one process: sequential clients, mean of deltas, no Ray.
+
+    ``sample(round_index)`` gives the clients of a round (default: every client).
+    """
     from ray_fedit.aggregators import aggregate
     from ray_fedit.federation.sampling import NO_CLIENT, derive_seed, numpy_generator
     from ray_fedit.federation.sft import (
@@ -83,7 +88,7 @@ def baseline(cfg: RunConfig, clients: list[list[Record]]) -> tuple[list[float], 
         t0 = time.perf_counter()
         lr = cosine_learning_rate(rnd, fed.rounds, fed.lr, fed.lr_min)
         deltas = []
-        for c in range(fed.num_clients):
+        for c in (range(fed.num_clients) if sample is None else sample(rnd)):
             torch.manual_seed(derive_seed(cfg.seed, rnd, c, "dropout"))
             if c not in cache:
                 cache[c] = tokenize_records(tok, clients[c], template=cfg.data.template,
@@ -101,7 +106,7 @@ def baseline(cfg: RunConfig, clients: list[list[Record]]) -> tuple[list[float], 
         n = fed.local_steps * fed.batch_size * fed.grad_accum
         agg = aggregate("mean", torch.from_numpy(np.stack(deltas)),
                         torch.full((len(deltas),), float(n)))
-        x = x + np.float32(fed.server_lr) * agg.aggregate.numpy()
+        x = x + np.float32(fed.resolved_server_lr) * agg.aggregate.numpy()
         times.append(time.perf_counter() - t0)
     return times, x
 

@@ -87,14 +87,26 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
-    start a private local instance; quiet Ray Data's per-dataset progress logs.
+def wants_dashboard(stages: Sequence[str]) -> bool:
+    """Whether a private local Ray for ``stages`` starts the dashboard.
 
-    A private local instance starts with the dashboard: Ray Train's placement-group cleaner (the
-    defense stage) queries the state API it serves, and without it logs a warning every few
-    seconds. ``RAY_FEDIT_DASHBOARD=0`` starts without it (2-3 s less of ``ray.init`` on 2 cores)
-    for runs without the defense stage.
+    Only the defense stage needs it: Ray Train's placement-group cleaner queries the state API
+    the dashboard serves, and without it logs a warning every few seconds. Everything else runs
+    without, which saves most of ``ray.init`` (``benchmarks/ray_init.py``; docs/federation.md).
+    ``RAY_FEDIT_DASHBOARD=1`` or ``=0`` forces it on or off.
+    """
+    import os
+
+    forced = os.environ.get("RAY_FEDIT_DASHBOARD")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return "defend" in stages
+
+
+def ensure_ray(stages: Sequence[str] = STAGES) -> None:
+    """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
+    start a private local instance for ``stages`` (with the dashboard when
+    :func:`wants_dashboard`); quiet Ray Data's per-dataset progress logs.
     """
     import os
 
@@ -102,8 +114,7 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        extra = ({"include_dashboard": os.environ.get("RAY_FEDIT_DASHBOARD", "1") != "0"}
-                 if address == "local" else {})
+        extra = {"include_dashboard": wants_dashboard(stages)} if address == "local" else {}
         ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
     import ray.data
@@ -240,7 +251,7 @@ def _load_clients(path: Path, num_clients: int) -> list[list[Record]]:
 
 
 def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[int],
-              resume: bool, sampling_strata: list[int] | None = None) -> str:
+              resume: bool, pool: Any, sampling_strata: list[int] | None = None) -> str:
     from ray_fedit.federation import ClientSpec, run_federation
 
     clients = _load_clients(clients_file, cfg.federation.num_clients)
@@ -254,7 +265,7 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
                                    benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
     has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
     result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
-                            sampling_strata=sampling_strata)
+                            sampling_strata=sampling_strata, pool=pool)
     if result.adapter_dir is None:
         raise CheckpointError(f"federation in {run.root} stopped after {result.rounds_completed} rounds")
     return str(result.adapter_dir)
@@ -262,13 +273,18 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
 
 def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bool = False
                    ) -> dict[str, Any]:
+    from ray_fedit.federation import WorkerPool
+
     malicious = done["prepare"]["malicious_ids"]
-    out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume)}
-    if cfg.attack.compare_no_attack:
-        clean_cfg = no_attack_config(cfg)
-        out[NO_ATTACK] = _federate(clean_cfg, RunDir(run.root / NO_ATTACK),
-                                   run.data / "clients_no_attack.parquet", [], resume,
-                                   sampling_strata=malicious)
+    # One pool for both federations: the workers read no attack settings, so they load the
+    # model once and the no-attack run gets the same bits as on a pool of its own.
+    with WorkerPool(cfg) as pool:
+        out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume,
+                                   pool)}
+        if cfg.attack.compare_no_attack:
+            out[NO_ATTACK] = _federate(no_attack_config(cfg), RunDir(run.root / NO_ATTACK),
+                                       run.data / "clients_no_attack.parquet", [], resume, pool,
+                                       sampling_strata=malicious)
     return {"adapters": out}
 
 
@@ -448,26 +464,31 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     else:
         run = existing
     print(f"run directory: {run.root}", flush=True)
-    ensure_ray()
+    ensure_ray([s for s in chosen if s not in done])
     progress = Progress(chosen)
-    for i, stage in enumerate(chosen):
-        if stage in done:
-            print(f"[{i + 1}/{len(chosen)} {stage}] already done; skipped", flush=True)
-            continue
-        missing = [s for s in STAGES[: STAGES.index(stage)] if s in _needs(stage) and s not in done]
-        if missing:
-            raise ConfigError(f"stage {stage!r} needs {missing} first; run them (or all stages)")
-        t0 = progress.begin(i, stage)
-        fn = STAGE_FNS[stage]
-        try:
-            outputs = (fn(cfg, run, done, resume=resume) if stage == "federate"
-                       else fn(cfg, run, done))
-        except (Exception, KeyboardInterrupt) as e:
-            raise RunFailed(stage, e, run.root, _log_failure(run, stage, e)) from e
-        write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
-                                                "seconds": round(time.perf_counter() - t0, 1)})
-        done[stage] = outputs
-        progress.end(i, stage, t0)
+    try:
+        for i, stage in enumerate(chosen):
+            if stage in done:
+                print(f"[{i + 1}/{len(chosen)} {stage}] already done; skipped", flush=True)
+                continue
+            missing = [s for s in STAGES[: STAGES.index(stage)] if s in _needs(stage) and s not in done]
+            if missing:
+                raise ConfigError(f"stage {stage!r} needs {missing} first; run them (or all stages)")
+            t0 = progress.begin(i, stage)
+            fn = STAGE_FNS[stage]
+            try:
+                outputs = (fn(cfg, run, done, resume=resume) if stage == "federate"
+                           else fn(cfg, run, done))
+            except (Exception, KeyboardInterrupt) as e:
+                raise RunFailed(stage, e, run.root, _log_failure(run, stage, e)) from e
+            write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
+                                                    "seconds": round(time.perf_counter() - t0, 1)})
+            done[stage] = outputs
+            progress.end(i, stage, t0)
+    finally:
+        from ray_fedit.generation import resident
+
+        resident.release()  # the run's generation actor; the next run loads its own
     metrics = collect_metrics(run.root / "eval")
     if metrics:
         print("\n" + summary_table(metrics, paired_effects(run.root / "eval")), flush=True)
@@ -509,7 +530,7 @@ def resume_run(run_dir: Path, stages: Sequence[str] | None = None) -> dict[str, 
 def generate_command(cfg: RunConfig, kind: str, *, out: str | None, adapter: str | None) -> None:
     from ray_fedit.generation import generate_dataset
 
-    ensure_ray()
+    ensure_ray(stages=())
     data = generate_dataset(kind, cfg, out_dir=out, adapter_dir=adapter)  # type: ignore[arg-type]
     print(f"{kind}: {len(data.records)} rows -> {data.path}{' (cache hit)' if data.cache_hit else ''}")
     print(json.dumps(data.stats, indent=2, default=str))
@@ -557,7 +578,7 @@ def evaluate_command(cfg: RunConfig, *, adapter: str | None, out: str | None,
                               f"this evaluation over it, --resume {out_dir} to finish the one there, "
                               "or name another directory")
     check_data_files(cfg, ["evaluate"])
-    ensure_ray()
+    ensure_ray(stages=())
     if resume is not None and (Path(resume) / HELDOUT_FILE).is_file():
         target = Path(resume)
         benign = from_rows(_read_records(target / HELDOUT_FILE))

@@ -7,7 +7,8 @@ Public API::
 
 ``sft``, ``sampling``, ``server_opt``, ``updates``, ``state`` and ``checkpoint`` import without Ray;
 the Ray-based names (``run_federation``, ``start_federation``, ``FederationDriver``,
-``TrainerWorker``) are loaded on first access, so importing this package does not import Ray.
+``TrainerWorker``, ``WorkerPool``) are loaded on first access, so importing this package does
+not import Ray.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _LAZY = {
     "start_federation": "ray_fedit.federation.driver",
     "FederationDriver": "ray_fedit.federation.driver",
     "TrainerWorker": "ray_fedit.federation.worker",
+    "WorkerPool": "ray_fedit.federation.pool",
 }
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "FederationResult",
     "FederationState",
     "TrainerWorker",
+    "WorkerPool",
     "run_federation",
     "start_federation",
 ]

@@ -98,11 +98,14 @@ class FederationDriver:
         stop_after: stop (with a checkpoint) once this many rounds are done; resume to continue.
         sampling_strata: the ids stratified sampling treats as malicious (default: the malicious
             clients); the paired no-attack federation passes the attacked run's.
+        pool: trainer workers started by the caller and kept after the run (None: start a pool
+            for this run and shut it down after).
     """
 
     def __init__(self, cfg: RunConfig, run_root: str, clients: list[ClientSpec],
                  eval_hook: EvalHook | None, resume: bool, stop_after: int | None,
-                 sampling_strata: list[int] | None = None) -> None:
+                 sampling_strata: list[int] | None = None,
+                 pool: WorkerPool | None = None) -> None:
         _progress_logger()
         # Aggregation and server maths on one thread: same bits on every machine.
         torch.set_num_threads(1)
@@ -121,6 +124,7 @@ class FederationDriver:
         self.opt = server_opt_config(cfg)
         self.store = ckpt.ClientStateStore(self.run_dir.root / "client_state")
         self.pool: WorkerPool | None = None
+        self._given_pool = pool
         self._checkpointed_index: dict[int, dict[str, Any]] = {}
         self._status: dict[str, Any] = {"phase": "created", "round": 0}
 
@@ -143,9 +147,12 @@ class FederationDriver:
         t_start = time.perf_counter()
         fed = self.cfg.federation
         self._status["phase"] = "starting workers"
-        self.pool = WorkerPool(self.cfg)
+        owned = self._given_pool is None
+        self.pool = WorkerPool(self.cfg) if owned else self._given_pool
         try:
             self.pool.wait_ready()
+            if not owned:
+                self.pool.refresh()
             self.codec = self.pool.codec
             self.state, resumed_from = self._initial_state()
             self._warn_if_plain_mean()
@@ -161,9 +168,10 @@ class FederationDriver:
                 global_vector=self.state.global_vector.copy(), codec=self.codec,
                 rounds=list(self.state.metrics), rounds_completed=self.state.rounds_done,
                 finished=finished, resumed_from=resumed_from, malicious_ids=self.malicious_ids,
-                seconds=time.perf_counter() - t_start)
+                seconds=time.perf_counter() - t_start, worker_pids=list(self.pool.pids))
         finally:
-            self.pool.shutdown()
+            if owned:
+                self.pool.shutdown()
 
     def _round(self, rnd: int) -> None:
         """One FedIT round: the recipe, top to bottom."""
@@ -483,6 +491,7 @@ def start_federation(
     *,
     stop_after: int | None = None,
     sampling_strata: Sequence[int] | None = None,
+    pool: WorkerPool | None = None,
 ) -> tuple[Any, ray.ObjectRef]:
     """Start the driver actor and its ``run()``; return ``(driver handle, result ref)``.
 
@@ -491,6 +500,10 @@ def start_federation(
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
     check_clients(cfg, clients)
+    if pool is not None and not pool.serves(cfg):
+        raise ConfigError("the given trainer worker pool was started from a config whose model, "
+                          "lora, data, federation, resources or seed differ from this "
+                          "federation's; start a pool from this config")
     _check_run_dir(cfg, run, resume)
     run.root.mkdir(parents=True, exist_ok=True)
     # Shards and initial states go to the object store once; the driver then holds only refs.
@@ -500,7 +513,7 @@ def start_federation(
     # bundles) needs room for the workers only, and a 2-core laptop runs 2 single-CPU workers.
     driver = FederationDriver.options(**driver_options(DRIVER_CPUS)).remote(
         cfg, str(run.root), put, eval_hook, resume, stop_after,
-        None if sampling_strata is None else list(sampling_strata))
+        None if sampling_strata is None else list(sampling_strata), pool)
     return driver, driver.run.remote()
 
 
@@ -513,6 +526,7 @@ def run_federation(
     *,
     stop_after: int | None = None,
     sampling_strata: Sequence[int] | None = None,
+    pool: WorkerPool | None = None,
 ) -> FederationResult:
     """Run FedIT for ``cfg.federation.rounds`` rounds on Ray and return the result.
 
@@ -532,19 +546,25 @@ def run_federation(
         sampling_strata: the ids that ``sampling: stratified`` treats as malicious; default the
             clients marked malicious. The paired no-attack federation passes the attacked run's
             malicious ids, so both federations sample the same clients in every round.
+        pool: a started :class:`~ray_fedit.federation.pool.WorkerPool` to run on and leave
+            running (the caller shuts it down), so federations run one after another load the
+            model once; it must serve this config (:meth:`WorkerPool.serves`). None: a pool of
+            this run's own.
 
     Returns:
         The :class:`FederationResult`.
 
     Raises:
-        ConfigError: if the clients do not match the config or workers cannot be placed.
+        ConfigError: if the clients do not match the config, workers cannot be placed, or
+            ``pool`` does not serve this config.
         CheckpointError: if the run directory already holds a federation and ``resume`` is False,
             or its checkpoint is corrupted or from another config.
         ClientFailure: if client failures break the failure policy or the quorum.
         AggregationError: if the aggregation rule's preconditions fail.
     """
     driver, result = start_federation(cfg, run_dir, clients, eval_hook, resume,
-                                      stop_after=stop_after, sampling_strata=sampling_strata)
+                                      stop_after=stop_after, sampling_strata=sampling_strata,
+                                      pool=pool)
     try:
         return ray.get(result)
     finally:

@@ -62,6 +62,13 @@ class RoundOutcome:
     assignment: dict[int, int] = field(default_factory=dict)
 
 
+def worker_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The config sections a trainer worker reads (``TrainerWorker`` never reads the attack or the
+    aggregator): federations with equal settings can share one pool, e.g. a run's attacked
+    federation and its paired no-attack one (:func:`ray_fedit.pipeline.no_attack_config`)."""
+    return cfg.model_dump(include={"seed", "model", "lora", "data", "federation", "resources"})
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
@@ -73,6 +80,10 @@ class WorkerPool:
     Placement comes from :func:`ray_fedit.resources.acquire_worker_placement`: one bundle per
     worker with ``resources.placement_strategy``, or the bundles of the enclosing Ray Tune trial.
     The constructor starts the workers without waiting for them; :meth:`wait_ready` waits.
+
+    A pool can serve several federations one after the other (``run_federation(..., pool=pool)``)
+    when their :func:`worker_settings` are equal: the model loads once. Used as a context manager,
+    it shuts down on exit.
 
     Args:
         cfg: the run's config.
@@ -89,6 +100,28 @@ class WorkerPool:
         self._describe = [w.describe.remote() for w in self.workers]
         self.pids: list[int] = []
         self.inflight: dict[int, int] = {}  # client -> worker of the tasks not yet collected
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def serves(self, cfg: RunConfig) -> bool:
+        """Whether these workers compute what workers started from ``cfg`` would."""
+        return worker_settings(cfg) == worker_settings(self.cfg)
+
+    def refresh(self) -> None:
+        """Ready a pool that served an earlier federation for the next one.
+
+        A worker that died there is waited for or replaced (:meth:`await_worker`), and every
+        worker forgets its cached tokenized shards: the next federation's client ids may hold
+        other shards (the no-attack run's malicious slots hold benign ones), so the workers fetch
+        and tokenize them as fresh workers would.
+        """
+        for index in range(self.size):
+            self.await_worker(index)
+        ray.get([w.clear_shards.remote() for w in self.workers])
 
     def _start(self, index: int) -> Any:
         # Ray retries nothing itself (see the module docstring); restarts come with the options.

@@ -108,6 +108,7 @@ class FederationResult:
         resumed_from: the rounds already done in the checkpoint this run resumed from, else None.
         malicious_ids: the clients marked malicious.
         seconds: wall time of this call.
+        worker_pids: the process ids of the trainer workers that served it.
     """
 
     run_dir: Path
@@ -120,6 +121,7 @@ class FederationResult:
     resumed_from: int | None
     malicious_ids: list[int]
     seconds: float
+    worker_pids: list[int] = field(default_factory=list)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The final global adapter as a PEFT state dict."""

@@ -93,6 +93,10 @@ class TrainerWorker:
         """This worker's pid: answers once the model is loaded (after a restart, too)."""
         return os.getpid()
 
+    def clear_shards(self) -> None:
+        """Drop the cached tokenized shards (the pool is about to serve another federation)."""
+        self._shards.clear()
+
     def describe(self) -> dict[str, Any]:
         """The worker's pid, device, adapter layout, initial (round-0) adapter and PEFT config."""
         return {"pid": os.getpid(), "device": str(self.device), "index": self.index,

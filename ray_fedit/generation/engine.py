@@ -3,7 +3,9 @@ engines, each run as a Ray Data pipeline.
 
 ``generate`` turns input rows into request rows (:func:`~ray_fedit.generation.rows.to_request`),
 runs the configured engine over them as a Ray Data pipeline, and joins the responses back onto the
-input rows in their original order (:func:`~ray_fedit.generation.rows.from_response`).
+input rows in their original order (:func:`~ray_fedit.generation.rows.from_response`). The ``hf``
+engine with one CPU actor skips the per-call actor pool: the process's resident generator
+(:mod:`~ray_fedit.generation.resident`), loaded once, answers the batches the pipeline would.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def generate(rows: Sequence[Mapping[str, Any]], *, prompt_field: str, model_cfg:
         gen_cfg: engine, batch size, sampling, actors.
         template: ``chat`` (the model's chat template) or ``alpaca``.
         adapter_dir: a PEFT LoRA adapter directory applied to the base model (e.g. a run's global
-            adapter); ``hf`` merges it once per actor, ``vllm`` applies it per row.
+            adapter); ``hf`` merges it into the base weights (once per actor, or per call on the
+            resident actor), ``vllm`` applies it per row.
         seed: base seed of the row seeds.
         sampling: decoding settings; default from ``gen_cfg``.
 
@@ -102,11 +105,15 @@ def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Gene
             adapter_dir: str | Path | None) -> list[dict[str, Any]]:
     import ray
 
+    from ray_fedit.generation import resident
     from ray_fedit.generation.hf import HFGenerator
 
     # Longest prompts first: neighbours in a batch have similar lengths, so less left padding.
     # Row seeds make the answers independent of this order.
     ordered = sorted(requests, key=lambda r: len(r["prompt"]), reverse=True)
+    if resident.serves(gen):  # one CPU actor: the process's resident one, loaded once
+        return resident.run(ordered, model_cfg=model_cfg, gen=gen, template=template,
+                            sampling=sampling, adapter_dir=adapter_dir)
     ds = map_in_placement(
         ray.data.from_items(ordered), HFGenerator,
         fn_constructor_kwargs={

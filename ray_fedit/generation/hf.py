@@ -14,6 +14,8 @@ alone or in any batch, up to floating-point differences of padded batched matmul
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,33 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], seeds: list[i
             "finish_reason": "length" if end is None else "stop",
         })
     return results
+
+
+@contextmanager
+def adapter_merged(model: Any, adapter_dir: str | Path | None) -> Iterator[Any]:
+    """``model`` with a LoRA adapter merged in for the ``with`` block, then the base weights again.
+
+    The merge is the one :func:`load_generator_model` does (PEFT's ``merge_and_unload`` on the
+    same base weights), so the merged model computes bitwise what a fresh load with the adapter
+    would. The base weights the merge touches are copied first and put back after, never
+    un-merged by subtraction (which would leave rounding residue), so the next adapter starts from
+    exactly the loaded base. ``None`` yields ``model`` unchanged.
+    """
+    if adapter_dir is None:
+        yield model
+        return
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    layers = [m.get_base_layer() for m in wrapped.modules() if isinstance(m, LoraLayer)]
+    saved = [(param, param.data.clone()) for layer in layers
+             for param in (layer.weight, getattr(layer, "bias", None)) if param is not None]
+    try:
+        yield wrapped.merge_and_unload().eval()
+    finally:
+        for param, data in saved:
+            param.data = data
 
 
 def load_generator_model(model_cfg: ModelConfig, adapter_dir: str | Path | None,

@@ -97,7 +97,7 @@ def test_a_failed_stage_ends_with_one_line_its_log_and_the_resume_command(tmp_pa
         cause = ClientFailure("round 3: client 1 failed on worker 0\nmore detail")
         raise RayTaskError("run", "Traceback (most recent call last):\n  ...", cause) from cause
 
-    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda stages=(): None)
     monkeypatch.setitem(pipeline.STAGE_FNS, "prepare", failing_prepare)
     code = main(["run", "tests/assets/tiny_run.yaml", f"output.root={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -32,7 +32,7 @@ def no_ray(monkeypatch):
         heldout_calls.append(1)
         return [make_record(f"Say hello ({i}).", source="seed_heldout") for i in range(2)]
 
-    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda stages=(): None)
     monkeypatch.setattr(pipeline, "_heldout_benign", heldout)
     return heldout_calls
 

@@ -1,0 +1,112 @@
+"""The resident hf generator against today's Ray Data path, on the shared local Ray.
+
+Ray Data must form the batches :func:`ray_data_batches` says it forms, and the resident actor must
+answer every call (with and without adapters, in any order of calls) bitwise as the Ray Data path
+answers it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from ray_fedit.config import GenerationConfig, LoraConfig, ModelConfig
+from ray_fedit.generation import generate, resident
+from ray_fedit.generation.hf import load_generator_model
+from ray_fedit.generation.resident import from_items_num_blocks, ray_data_batches
+from ray_fedit.models.lora import adapter_state, save_adapter, wrap_lora
+
+TINY = ModelConfig(name="tiny-random-llama")
+PROMPTS = ["How do I bake bread at home?", "Name a fruit.", "hi", "Write a haiku on rain.",
+           "List three prime numbers and explain why.", "What is 2 + 2?", "Say yes.",
+           "Describe the sea in one sentence, with colours.", "ok"]
+
+
+class BatchRecorder:
+    """Tags every row with the first and last index of the batch it came in."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        i = batch["i"]
+        return {"i": i, "first": np.full(len(i), i[0]), "last": np.full(len(i), i[-1])}
+
+
+@pytest.mark.parametrize(("rows", "batch_size"), [(9, 4), (33, 16), (250, 16), (403, 7)])
+def test_ray_data_forms_the_predicted_batches(ray_session, rows, batch_size):
+    ds = ray.data.from_items([{"i": i} for i in range(rows)]).map_batches(
+        BatchRecorder, compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size,
+        batch_format="numpy", num_cpus=1)
+    seen = {(int(r["first"]), int(r["last"]) + 1) for r in ds.take_all()}
+    predicted = {(b.start, b.stop) for b in ray_data_batches(rows, batch_size,
+                                                              from_items_num_blocks())}
+    assert seen == predicted
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two LoRA adapters with random (non-zero) B, so each changes the tiny model's outputs."""
+    out = []
+    for seed in (0, 1):
+        path = tmp_path_factory.mktemp(f"adapter{seed}")
+        model, _ = load_generator_model(TINY, None, "cpu")
+        lora = LoraConfig(r=4, alpha=8)
+        torch.manual_seed(seed)
+        state = {k: torch.randn_like(v) * 0.5
+                 for k, v in adapter_state(wrap_lora(model, lora)).items()}
+        out.append(save_adapter(state, lora, path))
+    return out
+
+
+def answers(gen: GenerationConfig, adapter) -> list[tuple[str, int, str]]:
+    rows = [{"instruction": p} for p in PROMPTS]
+    out = generate(rows, prompt_field="instruction", model_cfg=TINY, gen_cfg=gen,
+                   template="chat", adapter_dir=adapter, seed=5)
+    return [(o["response"], o["num_generated_tokens"], o["finish_reason"]) for o in out]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_resident_actor_answers_bitwise_as_ray_data(ray_session, adapters, monkeypatch,
+                                                        temperature):
+    gen = GenerationConfig(batch_size=4, max_new_tokens=6, temperature=temperature,
+                           torch_threads=1)
+    calls = [adapters[0], None, adapters[1], adapters[0]]  # swaps return to the exact base
+    assert resident.serves(gen)
+    kept = [answers(gen, a) for a in calls]
+    monkeypatch.setattr(resident, "serves", lambda gen: False)  # today's Ray Data pool per call
+    pooled = [answers(gen, a) for a in calls]
+
+    assert kept == pooled
+    assert kept[0] == kept[3]
+    if temperature:  # sampled answers tell the adapters apart (greedy ones may all be blank)
+        assert kept[0] != kept[1] and kept[0] != kept[2]
+    # one actor served every resident call
+    assert len([k for k in resident._ACTORS if '"tiny-random-llama"' in k[1]]) == 1
+
+
+def test_a_tiny_runs_evaluation_responses_are_those_of_ray_data(ray_session, tmp_path,
+                                                                monkeypatch):
+    """The tiny config's evaluate stage on the resident actor, then again on Ray Data pools: the
+    same responses for every adapter (no attack, attacked)."""
+    from ray_fedit.config import load_config
+    from ray_fedit.data.schema import from_rows
+    from ray_fedit.evaluation import evaluate_adapter
+    from ray_fedit.evaluation.runner import RESPONSES_FILE
+    from ray_fedit.pipeline import _read_records, run_pipeline
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "tests/assets/tiny_run.yaml", [
+        f"output.root={tmp_path}", "federation.rounds=1", "federation.local_steps=1",
+        "generation.temperature=1.0", "generation.batch_size=3"])
+    run = run_pipeline(cfg, stages=["prepare", "federate", "evaluate"])["run_dir"]
+    monkeypatch.setattr(resident, "serves", lambda gen: False)
+    benign = from_rows(_read_records(tmp_path.joinpath(run, "data", "benign_eval.parquet")))
+    for stage in ("no_attack", "attacked"):
+        kept = tmp_path.joinpath(run, "eval", stage, RESPONSES_FILE)
+        adapter = tmp_path.joinpath(run, *(["no_attack"] if stage == "no_attack" else []),
+                                    "checkpoints", "final")
+        evaluate_adapter(cfg, stage=stage, adapter_dir=adapter, out_dir=tmp_path / stage,
+                         benign_records=benign)
+        pooled = _read_records(tmp_path / stage / RESPONSES_FILE)
+        assert len(pooled) == 8
+        assert _read_records(kept) == pooled, stage
