@@ -138,10 +138,12 @@ def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Generatio
         adapter_dir: str | Path | None) -> list[dict[str, Any]]:
     """Answer request rows (already in the Ray Data path's order) on the resident actor.
 
-    A dead actor (its process killed) is replaced once, and the call repeated on the new one.
+    A dead actor (its process killed) is replaced once, and the call repeated on the new one. A
+    call that fails inside the actor stops it before the error propagates: a merge that failed
+    halfway could leave adapter layers in its model, and the next call then loads a fresh one.
     """
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     batches = [[ordered[i] for i in rows]
                for rows in ray_data_batches(len(ordered), gen.batch_size, from_items_num_blocks())]
@@ -149,6 +151,9 @@ def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Generatio
             None if adapter_dir is None else str(Path(adapter_dir).resolve()), gen.torch_threads)
     try:
         return ray.get(_actor(model_cfg, gen.torch_threads).generate.remote(*args))
+    except RayTaskError:
+        release()
+        raise
     except RayActorError:
         release()
         return ray.get(_actor(model_cfg, gen.torch_threads).generate.remote(*args))

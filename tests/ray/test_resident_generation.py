@@ -110,3 +110,12 @@ def test_a_tiny_runs_evaluation_responses_are_those_of_ray_data(ray_session, tmp
         pooled = _read_records(tmp_path / stage / RESPONSES_FILE)
         assert len(pooled) == 8
         assert _read_records(kept) == pooled, stage
+
+
+def test_a_call_that_fails_in_the_actor_stops_it_and_the_next_call_loads_afresh(ray_session,
+                                                                               tmp_path):
+    gen = GenerationConfig(batch_size=4, max_new_tokens=4, torch_threads=1)
+    with pytest.raises(Exception, match="adapter_config.json"):
+        answers(gen, tmp_path)  # no adapter there: PEFT fails inside the actor
+    assert not resident._ACTORS
+    assert len(answers(gen, None)) == len(PROMPTS)
