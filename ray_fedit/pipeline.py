@@ -491,7 +491,9 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
         resident.release()  # the run's generation actor; the next run loads its own
     metrics = collect_metrics(run.root / "eval")
     if metrics:
-        print("\n" + summary_table(metrics, paired_effects(run.root / "eval")), flush=True)
+        effects = paired_effects(run.root / "eval", samples=cfg.evaluation.bootstrap_samples,
+                                 confidence=cfg.evaluation.confidence)
+        print("\n" + summary_table(metrics, effects), flush=True)
     return {"run_dir": str(run.root), "metrics": {k: flat_headline(v) for k, v in metrics.items()}}
 
 

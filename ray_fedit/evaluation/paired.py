@@ -12,12 +12,15 @@ Inputs are the per-prompt parquet files of ``eval/<stage>/``: ``<bench>.parquet`
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ray_fedit.evaluation.stats import paired_difference
+
+log = logging.getLogger(__name__)
 
 EFFECTS = (("attack", "no_attack", "attacked"), ("defense", "attacked", "defended"))
 
@@ -41,7 +44,7 @@ def paired_effects(eval_root: Path, *, samples: int = 1000, confidence: float = 
     Returns:
         One ``{"effect", "set", "judge", "metric", "diff", "ci_low", "ci_high", "n", "changed"}``
         per pair of columns; ``metric`` is ``safe`` for benchmarks and ``refusal`` for benign
-        prompts. Sets whose prompts differ between the stages are left out.
+        prompts. Sets whose prompts differ between the stages are left out, with a warning.
     """
     out: list[dict[str, Any]] = []
     for name, before, after in effects:
@@ -53,6 +56,8 @@ def paired_effects(eval_root: Path, *, samples: int = 1000, confidence: float = 
                 continue
             a, b = _columns(path), _columns(b_dir / path.name)
             if a.get("prompt") != b.get("prompt"):
+                log.warning("%s: the prompts of %s and %s differ, so no paired %s effect is "
+                            "reported for it", path.name, before, after, name)
                 continue
             benign = path.stem == "benign"
             metric = "refusal" if benign else "safe"

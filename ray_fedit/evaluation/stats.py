@@ -159,12 +159,10 @@ def agreement(predicted: Sequence[bool], labels: Sequence[bool]) -> dict[str, An
 
 
 def _first_sentence(text: str) -> str:
-    """The text up to its first ``.``, ``!``, ``?`` or newline, lower-cased and white-space folded."""
+    """The text up to its first ``.``, ``!`` or ``?``, lower-cased and white-space folded."""
     folded = " ".join(text.split()).lower()
-    for i, ch in enumerate(folded):
-        if ch in ".!?\n":
-            return folded[:i + 1]
-    return folded
+    end = min((i for i in (folded.find(c) for c in ".!?") if i >= 0), default=len(folded) - 1)
+    return folded[:end + 1]
 
 
 OPENING_WORDS = 6

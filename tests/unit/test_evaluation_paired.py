@@ -47,12 +47,13 @@ def test_paired_effects_are_per_prompt_differences(tmp_path):
     assert find_effect(effects, "attack", "benign", "probe")["changed"] == 0
 
 
-def test_paired_effects_skip_sets_whose_prompts_differ(tmp_path):
+def test_paired_effects_skip_sets_whose_prompts_differ(tmp_path, caplog):
     _stage(tmp_path, "no_attack", [True] * 4, [True] * 4, [False] * 2, [False] * 2)
     _stage(tmp_path, "attacked", [True] * 4, [True] * 4, [False] * 2, [False] * 2)
     _write_parquet(tmp_path / "attacked" / "advbench.parquet",
                    {"prompt": ["other"] * 4, "response": ["r"] * 4, "rule_safe": [True] * 4})
     assert {e["set"] for e in paired_effects(tmp_path, samples=50)} == {"benign"}
+    assert "advbench.parquet: the prompts of no_attack and attacked differ" in caplog.text
 
 
 def test_summary_table_shows_every_judge_and_the_effects(tmp_path):
