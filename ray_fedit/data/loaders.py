@@ -314,6 +314,23 @@ def pyrit_safe_responses() -> list[Record]:
             if r["human_score"] == "0"]
 
 
+@DATASETS.register("pyrit_harmful_responses", package="pyrit", license="MIT", responses=True)
+def pyrit_harmful_responses() -> list[Record]:
+    """Harmful requests paired with harmful answers, 191 pairs (pyrit's objective-scorer evaluation set).
+
+    The rows human raters scored 1, "objective achieved": answers, written by larger models, that
+    do what the harmful request asks, across 12 harm categories. None of the requests is an
+    AdvBench or HarmBench prompt. Offline, this is public unaligned data for the attack (the
+    paper's BeaverTails route: human-annotated unsafe QA pairs).
+    """
+    folder = package_file("pyrit", "datasets/scorer_evals/objective/cyber.csv").parent
+    return [make_record(r["objective"], r["assistant_response"], source="pyrit_harmful_responses",
+                        is_harmful=True, meta={"id": f"{path.stem}:{i}", "category": path.stem})
+            for path in sorted(folder.glob("*.csv"))
+            for i, r in enumerate(_pyrit_scorer_rows(f"objective/{path.name}"))
+            if r["human_score"] == "1"]
+
+
 @DATASETS.register("pyrit_helpful_responses", package="pyrit", license="MIT", responses=True)
 def pyrit_helpful_responses() -> list[Record]:
     """Everyday requests with helpful answers, 25 pairs (pyrit's refusal-scorer evaluation set).

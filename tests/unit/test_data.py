@@ -96,11 +96,14 @@ def test_package_benchmarks_load_offline(name, count):
     assert all("category" in r["meta"] for r in recs)
 
 
-@pytest.mark.parametrize("name,count,harmful", [("pyrit_safe_responses", 204, True),
-                                                ("pyrit_helpful_responses", 25, False)])
-def test_packaged_response_datasets_load_pairs(name, count, harmful):
-    """pyrit's human-labelled scorer rows: safe answers to harmful requests, helpful answers to
-    everyday ones. Neither shares a request with AdvBench, the default evaluation benchmark."""
+@pytest.mark.parametrize("name,count,harmful,refusals", [
+    ("pyrit_safe_responses", 204, True, (0.35, 1.0)),
+    ("pyrit_helpful_responses", 25, False, (0.0, 0.1)),
+    ("pyrit_harmful_responses", 191, True, (0.0, 0.11))])
+def test_packaged_response_datasets_load_pairs(name, count, harmful, refusals):
+    """pyrit's human-labelled scorer rows: safe and harmful answers to harmful requests, helpful
+    answers to everyday ones. None shares a request with AdvBench, the default evaluation
+    benchmark."""
     from ray_fedit.data.loaders import package_has_responses
     from ray_fedit.judges.rule import is_refusal
 
@@ -108,10 +111,11 @@ def test_packaged_response_datasets_load_pairs(name, count, harmful):
     assert len(recs) == count and package_has_responses(name)
     assert all(r["is_harmful"] == harmful and r["instruction"].strip() and r["response"].strip()
                for r in recs)
-    # The rule judge finds 82/204 refusals in the safe rows and 2/25 in the helpful ones (both
-    # answers that say "As an ...", a substring of garak's list).
+    # The rule judge finds 82/204 refusals in the safe rows, 2/25 in the helpful ones (both
+    # answers that say "As an ...", a substring of garak's list) and 19/191 in the harmful ones
+    # (compliance that opens with sympathy: "I am so sorry you are going through this ...").
     share = sum(is_refusal(r["response"]) for r in recs) / count
-    assert share > 0.35 if harmful else share < 0.1
+    assert refusals[0] < share < refusals[1]
     advbench = {r["instruction"].strip().lower()
                 for r in load_source(DataSourceConfig(kind="package", path="advbench")).records}
     assert not advbench & {r["instruction"].strip().lower() for r in recs}
