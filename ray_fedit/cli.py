@@ -1,4 +1,5 @@
-"""The ``ray-fedit`` command line: run | sweep | generate | evaluate | report | doctor.
+"""The ``ray-fedit`` command line: run | sweep | generate | evaluate | report | export | ls | cp |
+validate | doctor.
 
 Configs are YAML files plus ``key=value`` overrides (``federation.rounds=5 aggregator.name=krum``).
 Every config is validated before Ray starts; a bad one exits with code 2 and one line per problem.
@@ -69,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="which adapter (default: defended)")
     exp.add_argument("--merge", action="store_true", help="merge the LoRA delta into the base "
                      "model's weights (safetensors, tokenizer and chat template included)")
+
+    ls = sub.add_parser("ls", help="shipped configs and registered aggregators, attacks, "
+                        "defenses, judges and datasets, one line each")
+    ls.add_argument("kind", nargs="?", choices=["configs", "aggregators", "attacks", "defenses",
+                                                 "judges", "datasets"], help="one kind only")
+
+    cp = sub.add_parser("cp", help="copy a shipped config to edit (names: ray-fedit ls configs)")
+    cp.add_argument("name", help="e.g. quickstart, sweeps/aggregators, deepspeed/zero3")
+    cp.add_argument("dest", metavar="DEST", help="file or existing directory")
+    cp.add_argument("--force", action="store_true", help="overwrite DEST")
+
+    val = sub.add_parser("validate", help="every load-time check of a config (and its data "
+                         "files), without running it")
+    val.add_argument("config")
+    val.add_argument("overrides", nargs="*")
+    val.add_argument("--stages", help="check the data files these stages read (default: all)")
 
     doc = sub.add_parser("doctor", help="versions, devices, Ray resources, offline assets")
     doc.add_argument("--address", help="Ray cluster to inspect (default: start a local one)")
@@ -171,6 +188,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         dest = export_adapter(Path(args.run_dir), Path(args.dest), stage=args.stage,
                               merge=args.merge)
         print(f"{'merged model' if args.merge else 'adapter'} ({args.stage}) written to {dest}")
+        return 0
+    if args.command == "ls":
+        from ray_fedit.discovery import COMPONENT_KINDS, format_listing
+
+        print(format_listing([args.kind] if args.kind else ["configs", *COMPONENT_KINDS]))
+        return 0
+    if args.command == "cp":
+        from ray_fedit.discovery import copy_config
+
+        print(f"copied to {copy_config(args.name, Path(args.dest), force=args.force)}")
+        return 0
+    if args.command == "validate":
+        from ray_fedit.discovery import validate
+
+        stages = args.stages.split(",") if args.stages else None
+        print(validate(args.config, args.overrides, stages))
         return 0
     if args.command == "report":
         from ray_fedit.report import write_report

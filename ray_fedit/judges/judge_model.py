@@ -275,7 +275,7 @@ JudgeFn = Callable[[Sequence[str], Sequence[str]], list[dict[str, Any]]]
 
 @JUDGES.register("judge_model", needs_model=True, factory=True, run_in_task=True)
 def build_judge_model(cfg: RunConfig, complete: CompleteFn | None = None) -> JudgeFn:
-    """The ``judge_model`` judge: ``evaluation.judge_model`` in ``evaluation.judge_format``.
+    """A safety judge model (``evaluation.judge_model``) prompted in ``evaluation.judge_format``.
 
     Args:
         cfg: the run config.

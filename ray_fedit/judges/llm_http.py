@@ -206,7 +206,7 @@ class LLMHttpJudge:
 
 @JUDGES.register("llm_judge_http", needs_model=True, factory=True)
 def build_llm_judge_http(cfg: RunConfig, complete: Any = None) -> Any:
-    """The ``llm_judge_http`` judge: the StrongREJECT rubric at ``evaluation.llm_judge``."""
+    """An LLM judge at an OpenAI-compatible ``evaluation.llm_judge``, grading with the StrongREJECT rubric."""
     if cfg.evaluation.llm_judge is None:
         raise ValueError("judge 'llm_judge_http' needs evaluation.llm_judge (an OpenAI-compatible "
                          "endpoint: base_url, model, api_key_env)")

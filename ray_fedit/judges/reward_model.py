@@ -82,7 +82,7 @@ class RewardModelJudge:
 
 @JUDGES.register("reward_model", needs_model=True, factory=True, run_in_task=True)
 def build_reward_model(cfg: RunConfig, complete: Any = None) -> Any:
-    """The ``reward_model`` judge: ``evaluation.reward_model``, on CUDA when there is one."""
+    """The score of a reward model (``evaluation.reward_model``), on CUDA when there is one."""
     import torch
 
     return RewardModelJudge(cfg.evaluation.reward_model, batch_size=cfg.evaluation.judge_batch_size,
