@@ -79,7 +79,7 @@ def baseline(cfg: RunConfig, clients: list[list[Record]],
     torch.set_num_threads(cfg.resources.torch_threads)
     model, tok = load_model_and_tokenizer(cfg.model)
     torch.manual_seed(derive_seed(cfg.seed, 0, NO_CLIENT, "lora_init"))
-    model = wrap_lora(model, cfg.lora, cfg.model.name)
+    model = wrap_lora(model, cfg.lora)
     view = ParamView(model, AdapterCodec.from_state_dict(adapter_state(model)))
     x = view.get_flat()
     cache: dict[int, list] = {}

@@ -66,14 +66,13 @@ def export_adapter(run_dir: Path, dest: Path, *, stage: str = "defended",
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(adapter_dir / name, dest / name)
         return dest
-    from peft import PeftModel
-
     from ray_fedit.config import load_config
     from ray_fedit.models.loading import load_model_and_tokenizer
+    from ray_fedit.models.lora import load_peft
 
     cfg = load_config(run_dir / "resolved_config.yaml")
     base, tok = load_model_and_tokenizer(cfg.model)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = load_peft(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(str(dest), safe_serialization=True)
     tok.save_pretrained(str(dest))
     return dest

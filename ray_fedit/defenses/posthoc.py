@@ -87,7 +87,7 @@ def build_lora_model(cfg: RunConfig, init_adapter: str | Path | None, device: An
     model, tok = load_model_and_tokenizer(cfg.model, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, 0, NO_CLIENT, "defense-init"))
-        peft_model = wrap_lora(model, cfg.lora, base_model=cfg.model.name)
+        peft_model = wrap_lora(model, cfg.lora)
     if init_adapter:
         state, _ = load_adapter(init_adapter)
         load_adapter_state(peft_model, state)

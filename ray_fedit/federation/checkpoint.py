@@ -48,7 +48,7 @@ from ray_fedit.federation.rule_state import RuleState
 from ray_fedit.federation.server_opt import ServerOptState
 from ray_fedit.federation.state import FederationState
 from ray_fedit.models.codec import AdapterCodec
-from ray_fedit.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, peft_config
+from ray_fedit.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
@@ -64,11 +64,9 @@ def render_adapter_config(lora: LoraConfig, base_model: str) -> str:
     Trainer workers render it once (they import peft anyway); the driver then writes adapters
     with :func:`write_adapter` without importing peft and transformers (~4 s of CPU per run).
     """
-    import tempfile
+    from ray_fedit.models.lora import adapter_config_text
 
-    with tempfile.TemporaryDirectory() as d:
-        peft_config(lora, base_model).save_pretrained(d)
-        return (Path(d) / ADAPTER_CONFIG).read_text()
+    return adapter_config_text(lora, base_model)
 
 
 def write_adapter(directory: Path, vector: np.ndarray, *, codec: AdapterCodec,

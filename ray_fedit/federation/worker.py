@@ -79,7 +79,7 @@ class TrainerWorker:
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
         # Every worker draws the same initial LoRA A, so any of them can provide round 0's adapter.
         torch.manual_seed(derive_seed(cfg.seed, 0, NO_CLIENT, "lora_init"))
-        self.model = wrap_lora(model, cfg.lora, cfg.model.name)
+        self.model = wrap_lora(model, cfg.lora)
         self.codec = AdapterCodec.from_state_dict(adapter_state(self.model))
         self.view = ParamView(self.model, self.codec)
         fed = cfg.federation

@@ -133,10 +133,11 @@ def adapter_merged(model: Any, adapter_dir: str | Path | None) -> Iterator[Any]:
     if adapter_dir is None:
         yield model
         return
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    from ray_fedit.models.lora import load_peft
+
+    wrapped = load_peft(model, adapter_dir)
     layers = [m.get_base_layer() for m in wrapped.modules() if isinstance(m, LoraLayer)]
     saved = [(param, param.data.clone()) for layer in layers
              for param in (layer.weight, getattr(layer, "bias", None)) if param is not None]
@@ -154,9 +155,9 @@ def load_generator_model(model_cfg: ModelConfig, adapter_dir: str | Path | None,
 
     model, tok = load_model_and_tokenizer(model_cfg, device=device)
     if adapter_dir is not None:
-        from peft import PeftModel
+        from ray_fedit.models.lora import load_peft
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
+        model = load_peft(model, adapter_dir).merge_and_unload().eval()
     return model, tok
 
 

@@ -322,7 +322,10 @@ class ProbeJudge:
 
 @JUDGES.register("probe", needs_model=True, factory=True, run_in_task=True, refusal=True)
 def build_probe_judge(cfg: RunConfig, complete: Any = None) -> ProbeJudge:
-    """A refusal probe on ``evaluation.probe_model``'s hidden states, fit on pyrit's human labels (once, then cached)."""
+    """A refusal probe on ``evaluation.probe_model``'s hidden states, fit on pyrit's human labels.
+
+    Fit on first use, then cached.
+    """
     from ray_fedit.config import ModelConfig
 
     return ProbeJudge(ModelConfig(name=cfg.evaluation.probe_model, tiny=cfg.model.tiny))

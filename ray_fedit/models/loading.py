@@ -122,6 +122,14 @@ def build_tiny_llama(cfg: TinyModelConfig, vocab_size: int) -> Any:
         return LlamaForCausalLM(config)
 
 
+def _quiet_weight_loading(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A transformers tqdm hook: no bar while a checkpoint's tensors load (a fraction of a second
+    for the models here, once per actor); downloads and every other bar are left as they are."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """Load the base causal LM and its tokenizer.
 
@@ -136,7 +144,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: str | torch.device = "cpu
         ConfigError: if the bundled model is asked for but its package is missing.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_tqdm_hook(_quiet_weight_loading)
     tok = load_tokenizer(cfg.name)
     dtype = _DTYPES[cfg.dtype]
     if cfg.name == TINY_MODEL:

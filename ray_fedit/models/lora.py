@@ -8,6 +8,9 @@ A state dict here is PEFT's: the keys of ``get_peft_model_state_dict`` (no adapt
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,52 @@ def peft_config(cfg: LoraConfig, base_model: str | None = None) -> Any:
     )
 
 
-def wrap_lora(model: Any, cfg: LoraConfig, base_model: str | None = None) -> Any:
-    """Wrap a causal LM in a trainable LoRA adapter (base weights frozen)."""
+def adapter_config_text(cfg: LoraConfig, base_model: str | None = None) -> str:
+    """The ``adapter_config.json`` text of a LoRA section: what PEFT writes, in a stable order.
+
+    PEFT keeps ``target_modules`` as a set, so its JSON order follows the process's string hash
+    seed; here the modules are sorted and the keys too, so one config gives the same bytes in
+    every process (and adapters keep one fingerprint across runs).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        peft_config(cfg, base_model).save_pretrained(d)
+        data = json.loads((Path(d) / ADAPTER_CONFIG).read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+@contextmanager
+def _peft_on_transformers() -> Iterator[None]:
+    """PEFT 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` property whenever it
+    wraps a model; that FutureWarning is about PEFT's code, not this call, so it is dropped here
+    (and only here). Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def wrap_lora(model: Any, cfg: LoraConfig) -> Any:
+    """Wrap a causal LM in a trainable LoRA adapter (base weights frozen).
+
+    PEFT records the loaded model's own path as the base model here; the adapters this project
+    saves name ``model.name`` instead (:func:`save_adapter`).
+    """
     import peft
 
-    return peft.get_peft_model(model, peft_config(cfg, base_model))
+    with _peft_on_transformers():
+        return peft.get_peft_model(model, peft_config(cfg))
+
+
+def load_peft(model: Any, adapter_dir: str | Path) -> Any:
+    """``PeftModel.from_pretrained(model, adapter_dir)``: a saved adapter on a loaded base model."""
+    from peft import PeftModel
+
+    with _peft_on_transformers():
+        return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -77,7 +121,7 @@ def save_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, directory: str
     """Write an adapter in PEFT format; ``PeftModel.from_pretrained(base, directory)`` loads it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    peft_config(cfg, base_model).save_pretrained(str(directory))
+    (directory / ADAPTER_CONFIG).write_text(adapter_config_text(cfg, base_model))
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     return directory

@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
     cfg = load_config(None, ["model.name=tiny-random-llama", "defense.name=none"])
     (root / "resolved_config.yaml").write_text(cfg.to_yaml())
     base, _ = load_model_and_tokenizer(cfg.model)
-    model = wrap_lora(base, cfg.lora, cfg.model.name)
+    model = wrap_lora(base, cfg.lora)
     gen = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in adapter_state(model).items()}
     adapter = save_adapter(state, cfg.lora, root / "checkpoints" / "final", cfg.model.name)

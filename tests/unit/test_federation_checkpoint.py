@@ -157,3 +157,53 @@ def test_client_state_store(tmp_path):
     store.path(7, 1).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupted"):
         store.load(7, c)
+
+
+def test_adapter_config_bytes_do_not_depend_on_the_process_hash_seed():
+    """PEFT keeps target_modules as a set; its JSON order follows the string hash seed, so two
+    runs of one config wrote different adapter_config.json bytes (and adapter fingerprints)."""
+    import subprocess
+    import sys
+
+    code = ("from ray_fedit.config import LoraConfig; from ray_fedit.federation import checkpoint;"
+            "print(checkpoint.render_adapter_config(LoraConfig(r=4, alpha=8, target_modules="
+            "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj']), 'm'))")
+    texts = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
+             for seed in (1, 2, 3)}
+    assert len(texts) == 1
+    assert json.loads(texts.pop())["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+
+
+def test_wrapping_and_loading_adapters_warns_nothing(tmp_path, capsys):
+    """The terminal shows the experiment: no PEFT base-name warning (the name PEFT overwrote),
+    no transformers deprecation raised from PEFT's code, no weight-loading bar."""
+    import warnings
+
+    from ray_fedit.config import ModelConfig
+    from ray_fedit.models.loading import load_model_and_tokenizer
+    from ray_fedit.models.lora import adapter_state, load_peft, save_adapter, wrap_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+        path = save_adapter(adapter_state(wrap_lora(model, LORA)), LORA, tmp_path / "a",
+                            base_model="tiny-random-llama")
+        base, _ = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+        load_peft(base, path)
+    assert [str(w.message) for w in caught] == []
+    assert "Loading weights" not in capsys.readouterr().err
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "tiny-random-llama"
+
+
+def test_only_the_weight_loading_bar_is_disabled():
+    from ray_fedit.models.loading import _quiet_weight_loading
+
+    def factory(*args, **kwargs):
+        return args, kwargs
+
+    assert _quiet_weight_loading(factory, ([1],), {"desc": "Loading weights"}) == \
+        (([1],), {"desc": "Loading weights", "disable": True})
+    assert _quiet_weight_loading(factory, (), {"desc": "Downloading"}) == ((), {"desc": "Downloading"})
