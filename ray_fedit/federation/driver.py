@@ -148,7 +148,8 @@ class FederationDriver:
         fed = self.cfg.federation
         self._status["phase"] = "starting workers"
         owned = self._given_pool is None
-        self.pool = WorkerPool(self.cfg) if owned else self._given_pool
+        self.pool = (WorkerPool(self.cfg, placement_name=pool_placement_name(self.run_dir.root))
+                     if owned else self._given_pool)
         try:
             self.pool.wait_ready()
             if not owned:
@@ -511,10 +512,44 @@ def start_federation(
            for c in sorted(clients, key=lambda c: c.client_id)]
     # The driver mostly waits on workers: it reserves no CPU, so the cluster (or a Tune trial's
     # bundles) needs room for the workers only, and a 2-core laptop runs 2 single-CPU workers.
-    driver = FederationDriver.options(**driver_options(DRIVER_CPUS)).remote(
+    driver = FederationDriver.options(**driver_options(DRIVER_CPUS),
+                                      name=driver_name(run.root)).remote(
         cfg, str(run.root), put, eval_hook, resume, stop_after,
         None if sampling_strata is None else list(sampling_strata), pool)
     return driver, driver.run.remote()
+
+
+def driver_name(run_root: str | Path) -> str:
+    """The Ray actor name of the federation driver of a run directory (``ray.get_actor``)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(run_root).resolve()).encode()).hexdigest()[:16]
+    return f"ray_fedit_driver_{digest}"
+
+
+def pool_placement_name(run_root: str | Path) -> str:
+    """The placement group name of the trainer workers a run's driver starts for itself."""
+    return f"{driver_name(run_root)}_workers"
+
+
+def _release_lost_placement(run_root: str | Path) -> None:
+    """Remove the workers' placement group a dead driver left behind: Ray removes a placement
+    group with its creator's job, not with the actor that created it, so the next driver would
+    otherwise wait for CPUs the dead one still holds."""
+    from ray.util import get_placement_group, remove_placement_group
+
+    try:
+        remove_placement_group(get_placement_group(pool_placement_name(run_root)))
+    except ValueError:  # none by that name: the driver died before placing its workers
+        pass
+
+
+def _driver_died(e: BaseException) -> bool:
+    """Whether ``ray.get`` of the driver's ``run()`` failed because the driver process died (not
+    because ``run()`` raised: Ray re-raises those as a ``RayTaskError`` of the same class)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    return isinstance(e, RayActorError) and not isinstance(e, RayTaskError)
 
 
 def run_federation(
@@ -561,11 +596,26 @@ def run_federation(
             or its checkpoint is corrupted or from another config.
         ClientFailure: if client failures break the failure policy or the quorum.
         AggregationError: if the aggregation rule's preconditions fail.
+        ActorDiedError: if the driver actor died more than ``resources.max_restarts`` times (each
+            time it dies, a new driver continues from the last checkpoint: bitwise the same run).
     """
-    driver, result = start_federation(cfg, run_dir, clients, eval_hook, resume,
-                                      stop_after=stop_after, sampling_strata=sampling_strata,
-                                      pool=pool)
-    try:
-        return ray.get(result)
-    finally:
-        ray.kill(driver)
+    restarts = cfg.resources.max_restarts
+    for attempt in range(restarts + 1):
+        # After a lost driver, the next one continues from the last checkpoint it wrote.
+        driver, result = start_federation(cfg, run_dir, clients, eval_hook, resume or attempt > 0,
+                                          stop_after=stop_after, sampling_strata=sampling_strata,
+                                          pool=pool)
+        try:
+            return ray.get(result)
+        except Exception as e:
+            if not _driver_died(e) or attempt == restarts:
+                raise
+            log.warning("the federation driver died (%s); starting another from the last "
+                        "checkpoint (restart %d of resources.max_restarts=%d)",
+                        str(e).strip().splitlines()[0][:200], attempt + 1, restarts)
+            if pool is None:
+                _release_lost_placement(Path(run_dir.root if isinstance(run_dir, RunDir)
+                                             else run_dir))
+        finally:
+            ray.kill(driver)
+    raise AssertionError("unreachable: the last attempt returns or raises")

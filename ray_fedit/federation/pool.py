@@ -87,15 +87,17 @@ class WorkerPool:
 
     Args:
         cfg: the run's config.
+        placement_name: a name for the placement group it creates, so that another process can
+            find and remove it (a placement group outlives the actor that created it).
 
     Raises:
         ResourceError: if the cluster cannot place the workers.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, *, placement_name: str = "") -> None:
         self.cfg = cfg
         self.size = cfg.resources.num_workers
-        self.placement = acquire_worker_placement(cfg.resources)
+        self.placement = acquire_worker_placement(cfg.resources, name=placement_name)
         self.workers = [self._start(i) for i in range(self.size)]
         self._describe = [w.describe.remote() for w in self.workers]
         self.pids: list[int] = []
