@@ -17,12 +17,15 @@ a step's loss is the mean over the target tokens of all workers (:mod:`.posthoc_
 joins every backward pass (one without target tokens back-propagates a zero loss), and the optimizer
 restarts each round. Rank 0 saves the adapter in PEFT format every ``checkpoint_every`` steps (the
 paper's steps ablation, Fig. 6), after all ranks gather it under ZeRO-3, and reports it to Ray Train
-as a checkpoint.
+as a checkpoint. A worker that dies restarts the group (Ray Train's ``FailureConfig``, up to
+``resources.max_restarts`` times) from the last checkpoint, with the adapter the uninterrupted run
+would have, bitwise.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +40,22 @@ STEP_DIR = "step_{:04d}"
 # torch.distributed's default: a rank stuck in a collective fails the job after this many seconds
 PROCESS_GROUP_TIMEOUT_S = 1800
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DefenseResult:
-    """The defended adapter, the intermediate checkpoints (step -> dir) and the training curve."""
+    """The defended adapter, the intermediate checkpoints (step -> dir), the training curve, and
+    the steps after which a restarted worker group resumed (empty when no worker died)."""
 
     adapter_dir: Path
     checkpoints: dict[int, Path]
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_after: list[int] = field(default_factory=list)
+
+
+STARTS_FILE = "worker_group_starts.json"
 
 
 def round_plan(steps: int, steps_per_round: int) -> list[int]:
@@ -144,12 +154,34 @@ def _train_loop(config: dict[str, Any]) -> None:
             dist.all_reduce(t)
         return float(t)
 
-    peft_model, tok = build_lora_model(cfg, config["init_adapter"], device)
+    # A restarted worker group (FailureConfig) continues from the last reported checkpoint: an
+    # adapter saved at a round end, where a fresh optimizer and a reseeded dropout start anyway, so
+    # the rest of the run is bitwise the uninterrupted one.
+    resumed = ray.train.get_checkpoint()
+    plan = round_plan(d.steps, d.steps_per_round)
+    if resumed is None:
+        peft_model, tok = build_lora_model(cfg, config["init_adapter"], device)
+        losses: list[float] = []
+    else:
+        with resumed.as_directory() as saved:
+            peft_model, tok = build_lora_model(cfg, saved, device)
+            losses = json.loads((Path(saved) / "defense_losses.json").read_text())
+    ends = [sum(plan[:i]) for i in range(len(plan) + 1)]
+    if len(losses) not in ends:
+        raise RuntimeError(f"the defense checkpoint holds {len(losses)} steps, not a round end of "
+                           f"{plan}; it belongs to another defense schedule")
+    first_round = ends.index(len(losses))
+    if rank == 0:  # every start of the group, with the step it starts after (0: from the top)
+        log_file = Path(config["out_dir"]) / STARTS_FILE
+        earlier = json.loads(log_file.read_text()) if log_file.is_file() else []
+        log_file.write_text(json.dumps([*earlier, len(losses)]))
+        if earlier:
+            print(f"[defense] restarted after step {len(losses)} (round {first_round} of "
+                  f"{len(plan)})", flush=True)
     records = config["records"][rank::world]
     examples = tokenize_records(tok, records, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     per_worker = d.batch_size // world
-    plan = round_plan(d.steps, d.steps_per_round)
     marks = set(checkpoint_steps(d.steps, d.checkpoint_every, plan))
     out_dir = Path(config["out_dir"])
 
@@ -183,8 +215,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         optimizers[0].step()
 
     train_model.train()
-    done, losses = 0, []
+    done, k = len(losses), 0
     for rnd, k in enumerate(plan):
+        if rnd < first_round:
+            continue
         # --- a fresh AdamW each round; lr constant within the round, cosine across rounds ---
         lr = cosine_learning_rate(rnd, len(plan), d.lr, d.lr_min)
         for opt in optimizers:
@@ -220,7 +254,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 (step_dir / "defense_losses.json").write_text(json.dumps(losses))
                 checkpoint = Checkpoint.from_directory(str(step_dir))
             ray.train.report(metrics, checkpoint=checkpoint)
-    if rank == 0:
+    if rank == 0 and k:
         print(f"[defense] {done} steps, final loss {np.nanmean(losses[-k:]):.4f}", flush=True)
 
 
@@ -256,8 +290,8 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     Raises:
         ValueError: if ``records`` is empty.
     """
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_fedit.resources import defense_worker_resources
@@ -267,6 +301,7 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     d = cfg.defense
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STARTS_FILE).unlink(missing_ok=True)
     t0 = time.perf_counter()
     # Ray Train workers run in their own working directory: hand them absolute paths, and the
     # DeepSpeed config as read here (a bad file fails now, naming the file).
@@ -280,7 +315,10 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
             num_workers=d.num_workers, use_gpu=d.use_gpu,
             resources_per_worker=defense_worker_resources(cfg.resources, d.use_gpu)),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
-        run_config=TrainRunConfig(name="defense", storage_path=str(out_dir / "ray_train")),
+        # A worker that dies restarts the group from the last checkpoint, up to max_restarts times.
+        run_config=TrainRunConfig(name="defense", storage_path=str(out_dir / "ray_train"),
+                                  failure_config=FailureConfig(
+                                      max_failures=cfg.resources.max_restarts)),
     )
     trainer.fit()
     plan = round_plan(d.steps, d.steps_per_round)
@@ -290,8 +328,12 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     if missing:
         raise RuntimeError(f"the defense job finished without writing {missing}")
     losses = json.loads((checkpoints[d.steps] / "defense_losses.json").read_text())
+    starts = out_dir / STARTS_FILE
+    resumed_after = json.loads(starts.read_text())[1:] if starts.is_file() else []
+    if resumed_after:
+        log.warning("the defense job lost a worker and resumed after step(s) %s", resumed_after)
     return DefenseResult(adapter_dir=checkpoints[d.steps], checkpoints=checkpoints, losses=losses,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, resumed_after=resumed_after)
 
 
 @DEFENSES.register("posthoc", starts_from="global")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ray_fedit.federation import run_federation, start_federation
 from tests.ray.test_federation import config, make_clients
@@ -53,3 +55,151 @@ def test_the_only_worker_killed_mid_round(ray_session, tmp_path, fault_free, res
     second = result.rounds[1]
     assert second["retries"] >= 1 and second["failed"] == []
     assert pids and pids[0] != killed
+
+
+@pytest.mark.parametrize("workers,given_pool", [(1, False), (2, True)])
+def test_the_driver_killed_mid_round(ray_session, tmp_path, tmp_path_factory, workers, given_pool):
+    """The driver actor's process is SIGKILLed in round 2; another driver continues from the last
+    checkpoint (round 1) with the same adapter, bitwise. Its own workers die with it and are
+    started again; a caller's pool (the pipeline's layout) outlives it."""
+    import threading
+
+    from ray_fedit.federation.driver import driver_name
+    from ray_fedit.federation.pool import WorkerPool
+
+    overrides = (f"resources.num_workers={workers}", "federation.rounds=3",
+                 "federation.checkpoint_every=1")
+    cfg = config(*overrides)
+    reference = run_federation(cfg, tmp_path_factory.mktemp("driver_fault_free"),
+                               make_clients(4, malicious=(1,)))
+    pool = WorkerPool(cfg) if given_pool else None
+    out: dict[str, object] = {}
+
+    def federate() -> None:
+        try:
+            out["result"] = run_federation(cfg, tmp_path, make_clients(4, malicious=(1,)), pool=pool)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    thread = threading.Thread(target=federate)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 180
+    try:
+        while killed is None and time.monotonic() < deadline and thread.is_alive():
+            try:
+                status = ray_session.get(ray_session.get_actor(driver_name(tmp_path))
+                                         .status.remote(), timeout=10)
+            except (ValueError, ray_session.exceptions.RayError):
+                continue  # not started yet
+            if status["round"] == 2 and status["inflight"]:
+                killed = status["pid"]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.002)
+        thread.join(timeout=300)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    assert killed is not None, "the run never reached round 2"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.finished
+    np.testing.assert_array_equal(result.global_vector, reference.global_vector)
+    assert result.resumed_from == 1  # the checkpoint after round 1
+    assert [r["round"] for r in result.rounds] == [1, 2, 3]
+    # The dead driver's placement group was removed: every CPU is free again.
+    deadline = time.monotonic() + 30
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) == 2
+
+
+# ------------------------------------------------------------------ generation and defense actors
+def _kill_when_busy(title: str, after: float, seed: int, limit_s: float = 240,
+                    once: Path | None = None) -> dict[str, int]:
+    """In a thread: SIGKILL the first process whose title starts with ``title`` once it runs a
+    method (Ray titles a busy actor ``ray::Class.method``), and ``once`` exists if given, a
+    seeded random delay after that; returns a dict that gets ``pid`` once killed."""
+    import random
+    import threading
+
+    import psutil
+
+    killed: dict[str, int] = {}
+    delay = random.Random(seed).uniform(0.0, after)
+
+    def watch() -> None:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if once is not None and not once.exists():
+                time.sleep(0.002)
+                continue
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if cmd.startswith(title) and "." in cmd[len(title):len(title) + 2]:
+                    time.sleep(delay)
+                    try:
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    killed["pid"] = proc.info["pid"]
+                    return
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def _tiny_generation(ray_session, *overrides: str):
+    from ray_fedit.config import load_config
+    from ray_fedit.generation.engine import generate
+
+    cfg = load_config(None, ["model.name=tiny-random-llama", "generation.max_new_tokens=24",
+                             "generation.batch_size=4", "generation.torch_threads=1", *overrides])
+    rows = [{"prompt": f"Tell me about topic number {i}, in detail."} for i in range(48)]
+    return lambda: generate(rows, prompt_field="prompt", model_cfg=cfg.model,
+                            gen_cfg=cfg.generation, template="chat", seed=0)
+
+
+@pytest.mark.parametrize("actors,title", [(1, "ray::ResidentGenerator"),
+                                          (2, "ray::MapWorker(MapBatches(HFGenerator))")])
+def test_a_generation_actor_killed_mid_call(ray_session, actors, title):
+    """One actor: the resident generator is replaced and the call repeated. Two: a Ray Data actor
+    pool, whose actors Ray Data restarts and whose lost batches it runs again. The answers are
+    those of the fault-free call."""
+    from ray_fedit.generation import resident
+
+    run = _tiny_generation(ray_session, f"generation.num_actors={actors}")
+    reference = run()
+    resident.release()  # the next call starts a fresh resident actor, which gets killed
+    killed = _kill_when_busy(title, after=0.3, seed=actors)
+    answers = run()
+    assert killed.get("pid"), f"no {title} process was seen busy"
+    assert answers == reference
+
+
+def test_the_defense_worker_killed_mid_training(ray_session, tiny_config, tmp_path):
+    """Ray Train restarts the group from the last checkpoint (a round end); the defended adapter
+    and the loss curve are the fault-free ones, bitwise."""
+    from ray_fedit.models.lora import load_adapter
+    from ray_fedit.registry import DEFENSES
+    from tests.ray.test_defense import RECORDS, _cfg, _start_adapter
+
+    cfg = _cfg(tiny_config, steps=60, steps_per_round=3, checkpoint_every=3)
+    _start_adapter(cfg, tmp_path / "global")
+    posthoc = DEFENSES.get("posthoc")
+    reference = posthoc(cfg, RECORDS, global_adapter=tmp_path / "global", out_dir=tmp_path / "ref")
+    # Killed in the second half: after the checkpoint of step 30, within a fraction of a round.
+    killed = _kill_when_busy("ray::RayTrainWorker", after=0.05, seed=3,
+                             once=tmp_path / "faulty" / "step_0030" / "defense_losses.json")
+    result = posthoc(cfg, RECORDS, global_adapter=tmp_path / "global", out_dir=tmp_path / "faulty")
+    assert killed.get("pid"), "no Ray Train worker was seen busy"
+    assert reference.resumed_after == []
+    # from the last checkpoint Ray Train had persisted (step 30 may still be on its way)
+    assert len(result.resumed_after) == 1 and 3 <= result.resumed_after[0] < 60
+    assert result.losses == reference.losses
+    for step in (30, 60):
+        got, _ = load_adapter(result.checkpoints[step])
+        want, _ = load_adapter(reference.checkpoints[step])
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got)
