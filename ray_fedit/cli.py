@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Federated instruction tuning of LLMs on Ray: safety attack, robust "
         "aggregators, post-hoc defense, evaluation.",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="show everything on the terminal"
+                   ": actor output, library logs and warnings (default: RUN_DIR/logs/)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run one experiment (prepare, federate, evaluate, defend, "
@@ -103,12 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ray-fedit`` and ``python -m ray_fedit``; returns the exit code."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if any(e in ("-v", "--verbose") for e in extra):  # also accepted after the command
+        args.verbose = True
+        extra = [e for e in extra if e not in ("-v", "--verbose")]
     # argparse stops collecting positional overrides at the first option (`run C --stages x a=b`):
     # overrides after options are still overrides; anything else is an error.
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from ray_fedit import console
+
+    console.set_verbose(args.verbose or console.verbose())
+    console.quiet_libraries()
     _show_progress_logs()
     try:
         return _dispatch(args)
@@ -136,9 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_progress_logs() -> None:
     """Show ray_fedit's INFO logs (progress of data generation, cache hits) on stderr."""
+    from ray_fedit.console import StderrHandler
+
     logger = logging.getLogger("ray_fedit")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

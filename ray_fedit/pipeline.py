@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray_fedit import console
 from ray_fedit.config import RunConfig, load_config
 from ray_fedit.data.schema import Record, from_rows, to_table
 from ray_fedit.errors import CheckpointError, ConfigError, RunFailed
@@ -112,10 +113,13 @@ def ensure_ray(stages: Sequence[str] = STAGES) -> None:
 
     import ray
 
+    console.quiet_libraries()  # importing Ray gave its logger a terminal handler again
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
         extra = {"include_dashboard": wants_dashboard(stages)} if address == "local" else {}
-        ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
+        # Actor output goes to the Ray session's logs (RUN_DIR/logs/ray) unless -v.
+        ray.init(address=address, log_to_driver=console.verbose(), configure_logging=False,
+                 **extra)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
     import ray.data
 
@@ -264,8 +268,13 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
         eval_hook = RoundEvaluator(cfg, run.root / "eval",
                                    benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
     has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
-    result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
-                            sampling_strata=sampling_strata, pool=pool)
+    progress = console.RoundProgress(run.rounds, cfg.federation.rounds,
+                                     label=NO_ATTACK if sampling_strata is not None else ATTACKED)
+    try:
+        result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
+                                sampling_strata=sampling_strata, pool=pool, on_wait=progress.poll)
+    finally:
+        progress.close()
     if result.adapter_dir is None:
         raise CheckpointError(f"federation in {run.root} stopped after {result.rounds_completed} rounds")
     return str(result.adapter_dir)
@@ -464,7 +473,9 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     else:
         run = existing
     print(f"run directory: {run.root}", flush=True)
+    console.log_to_run_dir(run.root)
     ensure_ray([s for s in chosen if s not in done])
+    console.link_ray_logs(run.root)
     progress = Progress(chosen)
     try:
         for i, stage in enumerate(chosen):

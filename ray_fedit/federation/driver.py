@@ -544,6 +544,15 @@ def _release_lost_placement(run_root: str | Path) -> None:
         pass
 
 
+def _wait(result: ray.ObjectRef, on_wait: Callable[[], None] | None,
+          period_s: float = 1.0) -> FederationResult:
+    if on_wait is not None:
+        while not ray.wait([result], timeout=period_s)[0]:
+            on_wait()
+        on_wait()
+    return ray.get(result)
+
+
 def _driver_died(e: BaseException) -> bool:
     """Whether ``ray.get`` of the driver's ``run()`` failed because the driver process died (not
     because ``run()`` raised: Ray re-raises those as a ``RayTaskError`` of the same class)."""
@@ -562,6 +571,7 @@ def run_federation(
     stop_after: int | None = None,
     sampling_strata: Sequence[int] | None = None,
     pool: WorkerPool | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> FederationResult:
     """Run FedIT for ``cfg.federation.rounds`` rounds on Ray and return the result.
 
@@ -585,6 +595,8 @@ def run_federation(
             running (the caller shuts it down), so federations run one after another load the
             model once; it must serve this config (:meth:`WorkerPool.serves`). None: a pool of
             this run's own.
+        on_wait: called about once a second while the rounds run, and once at the end (the
+            caller's progress display reads ``rounds.jsonl``).
 
     Returns:
         The :class:`FederationResult`.
@@ -606,7 +618,7 @@ def run_federation(
                                           stop_after=stop_after, sampling_strata=sampling_strata,
                                           pool=pool)
         try:
-            return ray.get(result)
+            return _wait(result, on_wait)
         except Exception as e:
             if not _driver_died(e) or attempt == restarts:
                 raise

@@ -37,7 +37,13 @@ def test_all_stages_then_a_rerun_skips_them(ray_session, tmp_path, capsys):
     # defense: 4 steps, saved every 2
     assert sorted(p.name for p in (run / "defense").glob("step_*")) == ["step_0002", "step_0004"]
     assert (run / "report" / "tables.md").is_file()
-    capsys.readouterr()
+    # the terminal shows each round of both federations once, from their rounds.jsonl
+    first = capsys.readouterr().out
+    for label in ("attacked", "no_attack"):
+        assert [ln.split(" | ")[0] for ln in first.splitlines() if f"  {label}: round" in ln] == \
+            [f"  {label}: round 1/2", f"  {label}: round 2/2"]
+    assert (run / "logs" / "run.log").is_file()
+    assert (run / "logs" / "ray").is_symlink() and (run / "logs" / "ray").is_dir()
 
     again = run_pipeline(cfg, run_dir=run, resume=True)
     out = capsys.readouterr().out

@@ -1,0 +1,214 @@
+"""What a run shows on the terminal, and where everything else goes.
+
+By default the terminal shows the experiment: stage lines, one progress line (or bar) per
+federation round, the headline after each evaluation and the final table. Everything else goes
+to the run directory's ``logs/``:
+
+- ``logs/run.log``: this process's log records, with timestamps: ``ray_fedit`` at INFO, Ray's
+  warnings (``ray.init``'s token notice, Ray Train's and Ray Data's notices) and the Python
+  warnings the libraries raise;
+- ``logs/ray``: a link to the Ray session's log directory (one file per worker and actor process,
+  stdout and stderr), when Ray runs on this machine;
+- ``logs/error.log``: the traceback of a failed stage.
+
+``-v/--verbose`` (``RAY_FEDIT_VERBOSE=1``) brings the rest back: actor output is forwarded to the
+terminal as Ray does by default, and library logs and warnings print there too. Errors are never
+hidden: a failed stage ends with one line naming the cause and the log.
+
+Round progress comes from ``rounds.jsonl`` (the driver actor appends one record per round; the
+process that waits on the federation reads it), so it needs no log forwarding from actors. On a
+terminal it is a ``tqdm`` bar; elsewhere (CI logs, ``ray job submit``) one plain line per round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+VERBOSE_ENV = "RAY_FEDIT_VERBOSE"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def verbose() -> bool:
+    """Whether the terminal shows everything (``-v`` or ``RAY_FEDIT_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def set_verbose(on: bool) -> None:
+    """Set verbosity for this process and the Ray workers it starts (they inherit the env)."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        os.environ.pop(VERBOSE_ENV, None)
+
+
+class StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes (a test harness
+    or a notebook swaps it), not to the stream of the moment it was made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _TerminalErrors(StderrHandler):
+    """Library errors on stderr (the rest goes to the run log once there is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+
+class _RunLog(logging.FileHandler):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8")
+        self.setFormatter(logging.Formatter(_FORMAT))
+
+
+def quiet_libraries() -> None:
+    """Library records (Ray's, Python warnings) go through the root logger, which prints only
+    errors on the terminal (and everything from WARNING up to the run log, once there is one).
+
+    Ray gives its logger a terminal handler of its own when imported and ``ray.init`` clears it
+    (then Python's last-resort handler printed its notices); here Ray's records propagate to the
+    root instead. Call it again after importing Ray. No-op when verbose.
+    """
+    if verbose():
+        return
+    logging.captureWarnings(True)
+    ray_logger = logging.getLogger("ray")
+    for handler in [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)]:
+        ray_logger.removeHandler(handler)
+    ray_logger.propagate = True
+    root = logging.getLogger()
+    if not any(isinstance(h, _TerminalErrors) for h in root.handlers):
+        root.addHandler(_TerminalErrors())
+
+
+def log_to_run_dir(run_root: Path) -> Path:
+    """Send this process's log records to ``run_root/logs/run.log``; return the path.
+
+    ``ray_fedit`` records (INFO and up) go there as well as to the terminal; library records
+    (WARNING and up, Python warnings included) only there unless verbose. Idempotent per path; a
+    later run of the same process moves the file handler to its own directory.
+    """
+    path = (Path(run_root) / "logs" / "run.log").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    project, root = logging.getLogger("ray_fedit"), logging.getLogger()
+    # The CLI's project logger prints and does not propagate; elsewhere the root's file gets it.
+    for logger in ([project] if not project.propagate else []) + [root]:
+        if any(isinstance(h, _RunLog) and Path(h.baseFilename) == path for h in logger.handlers):
+            continue
+        for old in [h for h in logger.handlers if isinstance(h, _RunLog)]:
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(_RunLog(path))
+    if project.getEffectiveLevel() > logging.INFO:
+        project.setLevel(logging.INFO)  # progress records reach the run log
+    return path
+
+
+def link_ray_logs(run_root: Path) -> Path | None:
+    """Link ``run_root/logs/ray`` to the Ray session's log directory when it is on this machine.
+
+    Returns the link, or None when the session's logs are elsewhere (a remote cluster).
+    """
+    try:
+        from ray._private.worker import global_worker  # the session of this process's Ray
+
+        logs = Path(global_worker.node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - not connected, or a client without a local node
+        return None
+    if not logs.is_dir():
+        return None
+    link = Path(run_root) / "logs" / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(logs, target_is_directory=True)
+    return link
+
+
+# ------------------------------------------------------------------------------ round progress
+def round_line(record: dict[str, Any], label: str = "") -> str:
+    """One round of ``rounds.jsonl`` as a progress line."""
+    aggregated = record.get("aggregated") or []
+    rejected, failed = record.get("rejected") or [], record.get("failed") or []
+    retries = record.get("retries") or 0
+    loss = record.get("mean_loss")
+    parts = [f"round {record['round']}/{record['rounds']}",
+             f"{len(aggregated)} clients" + (f", {len(rejected)} rejected" if rejected else "")
+             + (f", {len(failed)} failed" if failed else "")
+             + (f", {retries} retries" if retries else ""),
+             f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss n/a",
+             f"{record.get('seconds', 0.0):.1f} s"]
+    return f"  {label + ': ' if label else ''}" + " | ".join(parts)
+
+
+class RoundProgress:
+    """Shows the rounds of one federation as they land in its ``rounds.jsonl``.
+
+    :meth:`poll` reads the file and shows every round not shown yet (a resumed or restarted
+    federation rewrites rounds it recomputes; each round shows once). A ``tqdm`` bar on a
+    terminal, plain lines otherwise.
+
+    Args:
+        rounds_file: the federation's ``rounds.jsonl``.
+        total: ``federation.rounds``.
+        label: what the lines are about (``attacked``, ``no_attack``).
+        stream: where to write (default stdout).
+    """
+
+    def __init__(self, rounds_file: Path, total: int, label: str = "",
+                 stream: TextIO | None = None) -> None:
+        self.path = Path(rounds_file)
+        self.total = total
+        self.label = label
+        self.stream = stream or sys.stdout
+        self.shown: set[int] = set()
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"  {label or 'rounds'}", unit="round",
+                            file=self.stream, leave=True, dynamic_ncols=True)
+
+    def _records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line still being written
+        return out
+
+    def poll(self) -> None:
+        for record in self._records():
+            n = record.get("round")
+            if not isinstance(n, int) or n in self.shown:
+                continue
+            self.shown.add(n)
+            if self.bar is not None:
+                loss = record.get("mean_loss")
+                self.bar.set_postfix_str(
+                    f"loss {loss:.4f}, {record.get('seconds', 0.0):.1f} s/round"
+                    if isinstance(loss, (int, float)) else "", refresh=False)
+                self.bar.update(1)
+            else:
+                print(round_line(record, self.label), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.poll()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,102 @@
+"""The terminal shows the experiment; library noise goes to RUN_DIR/logs/."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+
+import pytest
+
+from ray_fedit import console
+
+
+@pytest.fixture
+def clean_logging(monkeypatch):
+    """Restore the loggers console touches (handlers, propagation, warning capture)."""
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    names = ("ray_fedit", "ray", "py.warnings", "")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate,
+                 logging.getLogger(n).level) for n in names}
+    yield
+    for n, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(n)
+        for h in logger.handlers:
+            if h not in handlers:
+                h.close()
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+        logger.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def _record(n: int, **kw) -> dict:
+    return {"round": n, "rounds": 3, "aggregated": [0, 1, 2], "rejected": [], "failed": [],
+            "retries": 0, "mean_loss": 1.5 + n / 100, "seconds": 2.0 * n, **kw}
+
+
+def test_round_line_names_the_round_clients_loss_and_time():
+    assert console.round_line(_record(2)) == "  round 2/3 | 3 clients | loss 1.5200 | 4.0 s"
+    rec = _record(1, rejected=[{"client": 4}], failed=[{"client": 5}], retries=2, mean_loss=None)
+    assert console.round_line(rec, "no_attack") == \
+        "  no_attack: round 1/3 | 3 clients, 1 rejected, 1 failed, 2 retries | loss n/a | 2.0 s"
+
+
+def test_round_progress_shows_each_round_once_as_plain_lines_off_a_terminal(tmp_path):
+    path = tmp_path / "rounds.jsonl"
+    out = io.StringIO()  # not a TTY: plain lines
+    progress = console.RoundProgress(path, 3, "attacked", stream=out)
+    progress.poll()  # no file yet
+    assert out.getvalue() == ""
+    path.write_text(json.dumps(_record(1)) + "\n" + json.dumps(_record(2)) + "\n{\"rou")
+    progress.poll()  # the half-written third line waits
+    # a restarted driver rewrites round 2 after round 1's checkpoint: shown once
+    path.write_text("\n".join(json.dumps(_record(n)) for n in (1, 2, 2, 3)) + "\n")
+    progress.close()
+    assert out.getvalue().splitlines() == [console.round_line(_record(n), "attacked")
+                                           for n in (1, 2, 3)]
+
+
+def test_library_warnings_and_ray_notices_go_to_the_run_log_not_the_terminal(tmp_path, capsys,
+                                                                           clean_logging):
+    logging.captureWarnings(False)  # pytest records warnings itself; capture them afresh
+    path = console.log_to_run_dir(tmp_path)
+    assert path == tmp_path / "logs" / "run.log"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a library deprecation", FutureWarning, stacklevel=1)
+    logging.getLogger("ray._private.authentication").warning("token notice")
+    logging.getLogger("ray_fedit.federation").info("round 1/3")
+    logging.getLogger("ray.train").error("a real error")
+    err = capsys.readouterr().err
+    assert "deprecation" not in err and "token notice" not in err
+    assert "a real error" in err  # errors are never hidden
+    text = path.read_text()
+    for line in ("a library deprecation", "token notice", "round 1/3", "a real error"):
+        assert line in text
+    assert console.log_to_run_dir(tmp_path) == path  # idempotent: one handler, one copy
+    logging.getLogger("ray").warning("once")
+    assert path.read_text().count("once") == 1
+
+
+def test_verbose_leaves_the_libraries_alone(monkeypatch, clean_logging):
+    console.set_verbose(True)
+    assert console.verbose()
+    ray_logger = logging.getLogger("ray")
+    before = (list(ray_logger.handlers), ray_logger.propagate)
+    console.quiet_libraries()
+    assert (list(ray_logger.handlers), ray_logger.propagate) == before  # Ray prints as it does
+    console.set_verbose(False)
+    assert not console.verbose()
+
+
+@pytest.mark.parametrize("argv", [["-v", "ls", "defenses"], ["ls", "defenses", "-v"],
+                                  ["ls", "defenses", "--verbose"]])
+def test_verbose_flag_before_or_after_the_command(argv, capsys, clean_logging):
+    from ray_fedit.cli import main
+
+    assert main(argv) == 0
+    assert console.verbose()
+    assert "posthoc" in capsys.readouterr().out
+    console.set_verbose(False)
