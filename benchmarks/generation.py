@@ -1,13 +1,16 @@
-"""Throughput of the ``hf`` engine on the bundled SmolLM2: batch 1 vs 16, same prompts, same run.
+"""Throughput of the ``hf`` engine on the bundled SmolLM2 at several batch sizes, same prompts, same run.
 
 Run:
-    .venv/bin/python benchmarks/generation.py                # engine core, model loaded once
+    .venv/bin/python benchmarks/generation.py                # batch 1 vs 16, model loaded once
     .venv/bin/python benchmarks/generation.py --pipeline     # also through Ray Data (generate())
+    .venv/bin/python benchmarks/generation.py --prompts 112 --max-new-tokens 32 --batch-sizes 16,56
+        # an evaluation's 48 + 64 prompts at the quickstart's token limit
 
 Tokens/s counts generated tokens (up to and including EOS) over wall-clock time. Decoding is greedy
 and stops at EOS, as in the data pipelines, so batch 16 also pays for rows that finished early.
-The two settings are interleaved chunk by chunk (16 prompts at batch 1, then the same 16 at batch
-16, ...), so load from other processes on a shared machine hits both alike. The ``--pipeline``
+The settings are interleaved chunk by chunk (a chunk holds as many prompts as the largest batch:
+first at the first batch size, then the same prompts at the next ...), so load from other
+processes on a shared machine hits all alike. Ratios are against the first batch size. The ``--pipeline``
 numbers add Ray Data and actor start-up (one model load per pipeline).
 """
 
@@ -53,8 +56,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated, e.g. 16,56")
     parser.add_argument("--pipeline", action="store_true", help="also time generate() on Ray")
     args = parser.parse_args()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     torch.set_num_threads(args.threads)
@@ -65,31 +70,34 @@ def main() -> None:
 
     print(f"SmolLM2-135M, {len(prompts)} prompts, greedy, max_new_tokens={args.max_new_tokens}, "
           f"{args.threads} torch threads")
-    totals = {1: [0, 0.0], 16: [0, 0.0]}
-    for start in range(0, len(prompts), 16):
-        chunk = prompts[start:start + 16]
-        for bs in (1, 16):
+    totals = {bs: [0, 0.0] for bs in sizes}
+    chunk_size = max(sizes)
+    for start in range(0, len(prompts), chunk_size):
+        chunk = prompts[start:start + chunk_size]
+        for bs in sizes:
             tokens, secs = run_core(model, tok, chunk, bs, sampling)
             totals[bs][0] += tokens
             totals[bs][1] += secs
     results = {}
     for bs, (tokens, secs) in totals.items():
         results[bs] = tokens / secs
-        print(f"  engine core  batch {bs:>2}: {tokens:5d} tokens in {secs:6.1f} s = "
+        print(f"  engine core  batch {bs:>3}: {tokens:5d} tokens in {secs:6.1f} s = "
               f"{results[bs]:6.1f} tokens/s")
-    print(f"  ratio batch 16 / batch 1: {results[16] / results[1]:.2f}x")
+    for bs in sizes[1:]:
+        print(f"  ratio batch {bs} / batch {sizes[0]}: {results[bs] / results[sizes[0]]:.2f}x")
 
     if args.pipeline:
         import ray
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         pipe = {}
-        for bs in (1, 16):
+        for bs in sizes:
             tokens, secs = run_pipeline(prompts, bs, args.max_new_tokens, args.threads)
             pipe[bs] = tokens / secs
-            print(f"  Ray pipeline batch {bs:>2}: {tokens:5d} tokens in {secs:6.1f} s = "
+            print(f"  Ray pipeline batch {bs:>3}: {tokens:5d} tokens in {secs:6.1f} s = "
                   f"{pipe[bs]:6.1f} tokens/s (incl. actor start and model load)")
-        print(f"  ratio batch 16 / batch 1: {pipe[16] / pipe[1]:.2f}x")
+        for bs in sizes[1:]:
+            print(f"  ratio batch {bs} / batch {sizes[0]}: {pipe[bs] / pipe[sizes[0]]:.2f}x")
         ray.shutdown()
 
 
