@@ -9,7 +9,6 @@ A bad data file (``DataError``: a malformed row, an unreadable or empty file) al
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,15 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_progress_logs() -> None:
     """Show ray_fedit's INFO logs (progress of data generation, cache hits) on stderr."""
-    from ray_fedit.console import StderrHandler
+    from ray_fedit.console import show_project_logs
 
-    logger = logging.getLogger("ray_fedit")
-    if not logger.handlers:
-        handler = StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    show_project_logs()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

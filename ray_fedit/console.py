@@ -58,6 +58,19 @@ class StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def show_project_logs(fmt: str = "%(asctime)s %(message)s", datefmt: str | None = "%H:%M:%S",
+                      ) -> None:
+    """Print ``ray_fedit``'s INFO records (progress, cache hits, resumes) on stderr, once per
+    process: the CLI, a sweep's trial, the federation driver actor."""
+    logger = logging.getLogger("ray_fedit")
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter(fmt, datefmt))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 class _TerminalErrors(StderrHandler):
     """Library errors on stderr (the rest goes to the run log once there is one)."""
 

@@ -104,10 +104,13 @@ def wants_dashboard(stages: Sequence[str]) -> bool:
     return "defend" in stages
 
 
-def ensure_ray(stages: Sequence[str] = STAGES) -> None:
+def ensure_ray(stages: Sequence[str] = STAGES, *, forward_logs: bool | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` joins a running head), or
     start a private local instance for ``stages`` (with the dashboard when
     :func:`wants_dashboard`); quiet Ray Data's per-dataset progress logs.
+
+    ``forward_logs``: print the actors' output here (Ray's ``log_to_driver``); default only when
+    verbose. A sweep forwards its trials' lines, which are its progress.
     """
     import os
 
@@ -118,8 +121,8 @@ def ensure_ray(stages: Sequence[str] = STAGES) -> None:
         address = os.environ.get("RAY_ADDRESS") or "local"
         extra = {"include_dashboard": wants_dashboard(stages)} if address == "local" else {}
         # Actor output goes to the Ray session's logs (RUN_DIR/logs/ray) unless -v.
-        ray.init(address=address, log_to_driver=console.verbose(), configure_logging=False,
-                 **extra)
+        forward = console.verbose() if forward_logs is None else forward_logs
+        ray.init(address=address, log_to_driver=forward, configure_logging=False, **extra)
     # Ray Data's per-dataset progress logs drown the run's own progress lines; keep its warnings.
     import ray.data
 

@@ -217,8 +217,10 @@ def _trainable(config: dict[str, Any]) -> None:
 
     from ray import tune
 
+    from ray_fedit.console import show_project_logs
     from ray_fedit.pipeline import resume_run, run_pipeline
 
+    show_project_logs()  # the trial's progress and resume lines, as `ray-fedit run` shows them
     trial = config["trial"]
     ids = {"trial_key": trial["key"], "seed": trial["seed"]}
     checkpoint = tune.get_checkpoint()
@@ -257,7 +259,7 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     sweep_dir = storage / sweep.spec.name
     print(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials "
           f"({len(sweep.trials) // len(sweep.spec.seeds)} grid points x {len(sweep.spec.seeds)} seeds)")
-    ensure_ray()
+    ensure_ray(forward_logs=True)  # each trial's stage, round and resume lines
     nodes = cluster_nodes()
     for trial in sweep.trials:
         check_trial_fits(trial.config, nodes)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -63,13 +62,10 @@ EvalHook = Callable[[int, Path], Mapping[str, Any] | None]
 
 
 def _progress_logger() -> None:
-    """Make the one-line-per-round progress visible in the driver actor's stderr."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    """Make the one-line-per-round progress visible in the driver actor's stderr (Ray's logs)."""
+    from ray_fedit.console import show_project_logs
+
+    show_project_logs("%(asctime)s %(levelname)s %(name)s: %(message)s", None)
 
 
 def server_opt_config(cfg: RunConfig) -> ServerOptConfig:
@@ -470,7 +466,9 @@ def _check_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> None:
                                   "resume=True to continue it, or use a new run directory")
         return
     if latest is not None:
-        ckpt.read_checkpoint(latest, config_hash=config_hash(cfg))
+        body = ckpt.read_checkpoint(latest, config_hash=config_hash(cfg))
+        # Said here, in the process that waits on the run (the driver actor logs to Ray's logs).
+        log.info("resume: %s, continuing at round %d", latest, int(body["rounds_done"]) + 1)
 
 
 def _fp32(x: Any) -> np.ndarray:

@@ -115,39 +115,50 @@ def test_the_driver_killed_mid_round(ray_session, tmp_path, tmp_path_factory, wo
 
 
 # ------------------------------------------------------------------ generation and defense actors
-def _kill_when_busy(title: str, after: float, seed: int, limit_s: float = 240,
-                    once: Path | None = None) -> dict[str, int]:
-    """In a thread: SIGKILL the first process whose title starts with ``title`` once it runs a
-    method (Ray titles a busy actor ``ray::Class.method``), and ``once`` exists if given, a
-    seeded random delay after that; returns a dict that gets ``pid`` once killed."""
-    import random
-    import threading
+class _Killer:
+    """A thread that SIGKILLs the first process whose title starts with ``title``: once it runs
+    a method (Ray titles a busy actor ``ray::Class.method``) when ``busy``, once ``once`` exists
+    when given, and a seeded random delay (up to ``after`` s) after that. ``pid`` is set once it
+    killed; :meth:`stop` ends the watch (the test's ``finally``), so it never outlives its test."""
 
-    import psutil
+    def __init__(self, title: str, *, after: float, seed: int, busy: bool = True,
+                 once: Path | None = None) -> None:
+        import random
+        import threading
 
-    killed: dict[str, int] = {}
-    delay = random.Random(seed).uniform(0.0, after)
+        self.title, self.busy, self.once = title, busy, once
+        self.delay = random.Random(seed).uniform(0.0, after)
+        self.pid: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
 
-    def watch() -> None:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if once is not None and not once.exists():
+    def _matches(self, cmd: str) -> bool:
+        if not cmd.startswith(self.title):
+            return False
+        return not self.busy or cmd[len(self.title):len(self.title) + 1] == "."
+
+    def _watch(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            if self.once is not None and not self.once.exists():
                 time.sleep(0.002)
                 continue
             for proc in psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if cmd.startswith(title) and "." in cmd[len(title):len(title) + 2]:
-                    time.sleep(delay)
+                if self._matches(" ".join(proc.info["cmdline"] or [])):
+                    time.sleep(self.delay)
                     try:
                         os.kill(proc.info["pid"], signal.SIGKILL)
                     except ProcessLookupError:
                         continue
-                    killed["pid"] = proc.info["pid"]
+                    self.pid = proc.info["pid"]
                     return
             time.sleep(0.005)
 
-    threading.Thread(target=watch, daemon=True).start()
-    return killed
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _tiny_generation(ray_session, *overrides: str):
@@ -172,28 +183,42 @@ def test_a_generation_actor_killed_mid_call(ray_session, actors, title):
     run = _tiny_generation(ray_session, f"generation.num_actors={actors}")
     reference = run()
     resident.release()  # the next call starts a fresh resident actor, which gets killed
-    killed = _kill_when_busy(title, after=0.3, seed=actors)
-    answers = run()
-    assert killed.get("pid"), f"no {title} process was seen busy"
+    killer = _Killer(title, after=0.3, seed=actors)
+    try:
+        answers = run()
+    finally:
+        killer.stop()
+    assert killer.pid, f"no {title} process was seen busy"
     assert answers == reference
 
 
-def test_the_defense_worker_killed_mid_training(ray_session, tiny_config, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_defense_worker_killed_mid_training(ray_session, tiny_config, tmp_path, workers,
+                                                monkeypatch):
     """Ray Train restarts the group from the last checkpoint (a round end); the defended adapter
-    and the loss curve are the fault-free ones, bitwise."""
+    and the loss curve are the fault-free ones, bitwise. With two data-parallel workers, one of
+    them is killed."""
+    from ray_fedit.defenses import posthoc as posthoc_module
     from ray_fedit.models.lora import load_adapter
     from ray_fedit.registry import DEFENSES
     from tests.ray.test_defense import RECORDS, _cfg, _start_adapter
 
-    cfg = _cfg(tiny_config, steps=60, steps_per_round=3, checkpoint_every=3)
+    # a surviving rank stuck in a collective fails in 120 s instead of torch's 30 min
+    monkeypatch.setattr(posthoc_module, "PROCESS_GROUP_TIMEOUT_S", 120)
+    cfg = _cfg(tiny_config, steps=60, steps_per_round=3, checkpoint_every=3, num_workers=workers)
     _start_adapter(cfg, tmp_path / "global")
     posthoc = DEFENSES.get("posthoc")
     reference = posthoc(cfg, RECORDS, global_adapter=tmp_path / "global", out_dir=tmp_path / "ref")
     # Killed in the second half: after the checkpoint of step 30, within a fraction of a round.
-    killed = _kill_when_busy("ray::RayTrainWorker", after=0.05, seed=3,
-                             once=tmp_path / "faulty" / "step_0030" / "defense_losses.json")
-    result = posthoc(cfg, RECORDS, global_adapter=tmp_path / "global", out_dir=tmp_path / "faulty")
-    assert killed.get("pid"), "no Ray Train worker was seen busy"
+    # Ray Train runs the loop in a thread of the worker actor, whose title then reads idle.
+    killer = _Killer("ray::RayTrainWorker", after=0.05, seed=3, busy=False,
+                     once=tmp_path / "faulty" / "step_0030" / "defense_losses.json")
+    try:
+        result = posthoc(cfg, RECORDS, global_adapter=tmp_path / "global",
+                         out_dir=tmp_path / "faulty")
+    finally:
+        killer.stop()
+    assert killer.pid, "no Ray Train worker was seen"
     assert reference.resumed_after == []
     # from the last checkpoint Ray Train had persisted (step 30 may still be on its way)
     assert len(result.resumed_after) == 1 and 3 <= result.resumed_after[0] < 60
