@@ -12,25 +12,18 @@ About 4 minutes on 2 cores (features of ~600 exchanges).
 
 from __future__ import annotations
 
-import csv
 import sys
 
 import numpy as np
 
 from ray_fedit.config import ModelConfig
-from ray_fedit.data.loaders import package_file
+from ray_fedit.data.loaders import pyrit_objective_rows
 from ray_fedit.judges import probe as P
 
 
 def objective_rows() -> list[dict]:
-    folder = package_file("pyrit", "datasets/scorer_evals/objective/cyber.csv").parent
-    rows = []
-    for path in sorted(folder.glob("*.csv")):
-        with path.open(encoding="utf-8", newline="") as f:
-            rows += [{"objective": r["objective"], "response": r["assistant_response"],
-                      "refusal": r["human_score"] == "0"}
-                     for r in csv.DictReader(line for line in f if not line.startswith("#"))]
-    return rows
+    return [{"objective": r["objective"], "response": r["assistant_response"],
+             "refusal": r["human_score"] == "0"} for _, _, r in pyrit_objective_rows()]
 
 
 def main(answers: str | None) -> None:

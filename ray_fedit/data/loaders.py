@@ -298,6 +298,22 @@ def _pyrit_scorer_rows(relative: str) -> Iterator[dict[str, str]]:
         yield from csv.DictReader(line for line in f if not line.startswith("#"))
 
 
+def pyrit_objective_rows() -> Iterator[tuple[str, int, dict[str, str]]]:
+    """``(harm category, row index, row)`` of every row of pyrit's objective-scorer evaluation
+    set, file by file in name order; ``row["human_score"]`` is "1" when the human raters judged
+    the response to achieve the harmful objective, "0" otherwise."""
+    folder = package_file("pyrit", "datasets/scorer_evals/objective/cyber.csv").parent
+    for path in sorted(folder.glob("*.csv")):
+        for i, row in enumerate(_pyrit_scorer_rows(f"objective/{path.name}")):
+            yield path.stem, i, row
+
+
+def _pyrit_objective_records(score: str, source: str) -> list[Record]:
+    return [make_record(r["objective"], r["assistant_response"], source=source, is_harmful=True,
+                        meta={"id": f"{category}:{i}", "category": category})
+            for category, i, r in pyrit_objective_rows() if r["human_score"] == score]
+
+
 @DATASETS.register("pyrit_safe_responses", package="pyrit", license="MIT", responses=True)
 def pyrit_safe_responses() -> list[Record]:
     """Harmful requests paired with safe responses, 204 pairs (pyrit's objective-scorer evaluation set).
@@ -306,12 +322,7 @@ def pyrit_safe_responses() -> list[Record]:
     and answers that steer away from the harm. None of the requests is an AdvBench prompt. Offline,
     this is the public aligned data of a level-1 defense.
     """
-    folder = package_file("pyrit", "datasets/scorer_evals/objective/cyber.csv").parent
-    return [make_record(r["objective"], r["assistant_response"], source="pyrit_safe_responses",
-                        is_harmful=True, meta={"id": f"{path.stem}:{i}", "category": path.stem})
-            for path in sorted(folder.glob("*.csv"))
-            for i, r in enumerate(_pyrit_scorer_rows(f"objective/{path.name}"))
-            if r["human_score"] == "0"]
+    return _pyrit_objective_records("0", "pyrit_safe_responses")
 
 
 @DATASETS.register("pyrit_harmful_responses", package="pyrit", license="MIT", responses=True)
@@ -323,12 +334,7 @@ def pyrit_harmful_responses() -> list[Record]:
     AdvBench or HarmBench prompt. Offline, this is public unaligned data for the attack (the
     paper's BeaverTails route: human-annotated unsafe QA pairs).
     """
-    folder = package_file("pyrit", "datasets/scorer_evals/objective/cyber.csv").parent
-    return [make_record(r["objective"], r["assistant_response"], source="pyrit_harmful_responses",
-                        is_harmful=True, meta={"id": f"{path.stem}:{i}", "category": path.stem})
-            for path in sorted(folder.glob("*.csv"))
-            for i, r in enumerate(_pyrit_scorer_rows(f"objective/{path.name}"))
-            if r["human_score"] == "1"]
+    return _pyrit_objective_records("1", "pyrit_harmful_responses")
 
 
 @DATASETS.register("pyrit_helpful_responses", package="pyrit", license="MIT", responses=True)
