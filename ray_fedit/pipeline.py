@@ -258,7 +258,8 @@ def _load_clients(path: Path, num_clients: int) -> list[list[Record]]:
 
 
 def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[int],
-              resume: bool, pool: Any, sampling_strata: list[int] | None = None) -> str:
+              resume: bool, pool: Any, label: str,
+              sampling_strata: list[int] | None = None) -> str:
     from ray_fedit.federation import ClientSpec, run_federation
 
     clients = _load_clients(clients_file, cfg.federation.num_clients)
@@ -271,8 +272,7 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
         eval_hook = RoundEvaluator(cfg, run.root / "eval",
                                    benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
     has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
-    progress = console.RoundProgress(run.rounds, cfg.federation.rounds,
-                                     label=NO_ATTACK if sampling_strata is not None else ATTACKED)
+    progress = console.RoundProgress(run.rounds, cfg.federation.rounds, label=label)
     try:
         result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
                                 sampling_strata=sampling_strata, pool=pool, on_wait=progress.poll)
@@ -292,11 +292,11 @@ def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bo
     # model once and the no-attack run gets the same bits as on a pool of its own.
     with WorkerPool(cfg) as pool:
         out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume,
-                                   pool)}
+                                   pool, ATTACKED)}
         if cfg.attack.compare_no_attack:
             out[NO_ATTACK] = _federate(no_attack_config(cfg), RunDir(run.root / NO_ATTACK),
                                        run.data / "clients_no_attack.parquet", [], resume, pool,
-                                       sampling_strata=malicious)
+                                       NO_ATTACK, sampling_strata=malicious)
     return {"adapters": out}
 
 
@@ -354,7 +354,8 @@ def stage_defend(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str,
                                             out_dir=run.root / "defense")
     return {"adapter": str(result.adapter_dir),
             "checkpoints": {str(k): str(v) for k, v in result.checkpoints.items()},
-            "final_loss": result.losses[-1] if result.losses else None}
+            "final_loss": result.losses[-1] if result.losses else None,
+            "resumed_after": result.resumed_after}  # steps after which a lost worker resumed
 
 
 def stage_evaluate_defended(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str, Any]:

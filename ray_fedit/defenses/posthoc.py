@@ -215,7 +215,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         optimizers[0].step()
 
     train_model.train()
-    done, k = len(losses), 0
+    done = len(losses)
     for rnd, k in enumerate(plan):
         if rnd < first_round:
             continue
@@ -254,7 +254,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 (step_dir / "defense_losses.json").write_text(json.dumps(losses))
                 checkpoint = Checkpoint.from_directory(str(step_dir))
             ray.train.report(metrics, checkpoint=checkpoint)
-    if rank == 0 and k:
+    if rank == 0:
         print(f"[defense] {done} steps, final loss {np.nanmean(losses[-k:]):.4f}", flush=True)
 
 

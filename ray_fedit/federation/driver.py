@@ -609,10 +609,11 @@ def run_federation(
         ActorDiedError: if the driver actor died more than ``resources.max_restarts`` times (each
             time it dies, a new driver continues from the last checkpoint: bitwise the same run).
     """
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
     restarts = cfg.resources.max_restarts
     for attempt in range(restarts + 1):
         # After a lost driver, the next one continues from the last checkpoint it wrote.
-        driver, result = start_federation(cfg, run_dir, clients, eval_hook, resume or attempt > 0,
+        driver, result = start_federation(cfg, run, clients, eval_hook, resume or attempt > 0,
                                           stop_after=stop_after, sampling_strata=sampling_strata,
                                           pool=pool)
         try:
@@ -624,8 +625,7 @@ def run_federation(
                         "checkpoint (restart %d of resources.max_restarts=%d)",
                         str(e).strip().splitlines()[0][:200], attempt + 1, restarts)
             if pool is None:
-                _release_lost_placement(Path(run_dir.root if isinstance(run_dir, RunDir)
-                                             else run_dir))
+                _release_lost_placement(run.root)
         finally:
             ray.kill(driver)
     raise AssertionError("unreachable: the last attempt returns or raises")
