@@ -140,8 +140,11 @@ def link_ray_logs(run_root: Path) -> Path | None:
 
         logs = Path(global_worker.node.get_logs_dir_path())
     except Exception:  # noqa: BLE001 - not connected, or a client without a local node
-        return None
-    if not logs.is_dir():
+        logs = None
+    if logs is None or not logs.is_dir():
+        logging.getLogger("ray_fedit").info(
+            "the Ray session's logs are not on this machine; %s/logs/ray is not linked (see the "
+            "cluster's nodes, or the Ray dashboard)", run_root)
         return None
     link = Path(run_root) / "logs" / "ray"
     link.parent.mkdir(parents=True, exist_ok=True)

@@ -100,3 +100,16 @@ def test_verbose_flag_before_or_after_the_command(argv, capsys, clean_logging):
     assert console.verbose()
     assert "posthoc" in capsys.readouterr().out
     console.set_verbose(False)
+
+
+def test_ray_logs_not_on_this_machine_are_said_not_linked(tmp_path, caplog, clean_logging):
+    """Without a local Ray session (here: none at all) there is nothing to link, and the run log
+    says so instead of leaving logs/ray missing without a word."""
+    import ray
+
+    assert not ray.is_initialized()
+    with caplog.at_level(logging.INFO, logger="ray_fedit"):
+        logging.getLogger("ray_fedit").propagate = True
+        assert console.link_ray_logs(tmp_path) is None
+    assert not (tmp_path / "logs" / "ray").exists()
+    assert "logs/ray is not linked" in caplog.text
