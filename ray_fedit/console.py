@@ -130,17 +130,22 @@ def log_to_run_dir(run_root: Path) -> Path:
     return path
 
 
+def _ray_session_logs() -> Path | None:
+    """The log directory of this process's Ray session, or None (not connected, or a client)."""
+    try:
+        from ray._private.worker import global_worker
+
+        return Path(global_worker.node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - not connected, or a client without a local node
+        return None
+
+
 def link_ray_logs(run_root: Path) -> Path | None:
     """Link ``run_root/logs/ray`` to the Ray session's log directory when it is on this machine.
 
     Returns the link, or None when the session's logs are elsewhere (a remote cluster).
     """
-    try:
-        from ray._private.worker import global_worker  # the session of this process's Ray
-
-        logs = Path(global_worker.node.get_logs_dir_path())
-    except Exception:  # noqa: BLE001 - not connected, or a client without a local node
-        logs = None
+    logs = _ray_session_logs()
     if logs is None or not logs.is_dir():
         logging.getLogger("ray_fedit").info(
             "the Ray session's logs are not on this machine; %s/logs/ray is not linked (see the "

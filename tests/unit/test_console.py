@@ -102,14 +102,25 @@ def test_verbose_flag_before_or_after_the_command(argv, capsys, clean_logging):
     console.set_verbose(False)
 
 
-def test_ray_logs_not_on_this_machine_are_said_not_linked(tmp_path, caplog, clean_logging):
-    """Without a local Ray session (here: none at all) there is nothing to link, and the run log
-    says so instead of leaving logs/ray missing without a word."""
-    import ray
-
-    assert not ray.is_initialized()
+@pytest.mark.parametrize("session_logs", [None, "elsewhere"], ids=["no-session", "remote-node"])
+def test_ray_logs_not_on_this_machine_are_said_not_linked(session_logs, tmp_path, caplog,
+                                                          clean_logging, monkeypatch):
+    """Without a local Ray session, or with one whose logs live on another machine, there is
+    nothing to link, and the run log says so instead of leaving logs/ray missing without a word.
+    (The session is faked: a test session may hold a real local Ray from an earlier tier.)"""
+    logs = None if session_logs is None else tmp_path / "remote" / "session_1" / "logs"
+    monkeypatch.setattr(console, "_ray_session_logs", lambda: logs)
     with caplog.at_level(logging.INFO, logger="ray_fedit"):
         logging.getLogger("ray_fedit").propagate = True
-        assert console.link_ray_logs(tmp_path) is None
-    assert not (tmp_path / "logs" / "ray").exists()
+        assert console.link_ray_logs(tmp_path / "run") is None
+    assert not (tmp_path / "run" / "logs" / "ray").exists()
     assert "logs/ray is not linked" in caplog.text
+
+
+def test_ray_logs_on_this_machine_are_linked(tmp_path, clean_logging, monkeypatch):
+    logs = tmp_path / "session_1" / "logs"
+    logs.mkdir(parents=True)
+    monkeypatch.setattr(console, "_ray_session_logs", lambda: logs)
+    link = console.link_ray_logs(tmp_path / "run")
+    assert link == tmp_path / "run" / "logs" / "ray" and link.resolve() == logs.resolve()
+    assert console.link_ray_logs(tmp_path / "run") == link  # linking again replaces the link
