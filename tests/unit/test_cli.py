@@ -98,6 +98,8 @@ def test_a_failed_stage_ends_with_one_line_its_log_and_the_resume_command(tmp_pa
         raise RayTaskError("run", "Traceback (most recent call last):\n  ...", cause) from cause
 
     monkeypatch.setattr(pipeline, "ensure_ray", lambda stages=(): None)
+    # No Ray session here (ensure_ray is faked), so none to link, whatever an earlier test started
+    monkeypatch.setattr(pipeline.console, "link_ray_logs", lambda root: None)
     monkeypatch.setitem(pipeline.STAGE_FNS, "prepare", failing_prepare)
     code = main(["run", "tests/assets/tiny_run.yaml", f"output.root={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
