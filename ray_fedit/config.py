@@ -454,6 +454,17 @@ class OutputConfig(Section):
                       "directory; '.' is the working directory itself")
     name: str = Field("run", description="one directory name under root (no '/'; nest runs with "
                       "root: runs/study)")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers that get the config, per-round "
+        "metrics, evaluations, defense loss and the report (offline, under RUN_DIR/tracking; "
+        "docs/tracking.md); each needs its extra: pip install 'ray-fedit[mlflow]'")
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"lists a tracker twice: {trackers}; fix: name each once")
+        return trackers
 
     @field_validator("root")
     @classmethod

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -86,21 +87,27 @@ class _RunLog(logging.FileHandler):
         self.setFormatter(logging.Formatter(_FORMAT))
 
 
+# Libraries that give their logger a terminal handler of their own when imported.
+_OWN_TERMINAL_HANDLERS = ("ray", "mlflow")
+
+
 def quiet_libraries() -> None:
     """Library records (Ray's, Python warnings) go through the root logger, which prints only
     errors on the terminal (and everything from WARNING up to the run log, once there is one).
 
     Ray gives its logger a terminal handler of its own when imported and ``ray.init`` clears it
-    (then Python's last-resort handler printed its notices); here Ray's records propagate to the
-    root instead. Call it again after importing Ray. No-op when verbose.
+    (then Python's last-resort handler printed its notices); MLflow's logger has one too. Here
+    their records propagate to the root instead. Call it again after importing Ray or MLflow.
+    No-op when verbose.
     """
     if verbose():
         return
     logging.captureWarnings(True)
-    ray_logger = logging.getLogger("ray")
-    for handler in [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)]:
-        ray_logger.removeHandler(handler)
-    ray_logger.propagate = True
+    for name in _OWN_TERMINAL_HANDLERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
     root = logging.getLogger()
     if not any(isinstance(h, _TerminalErrors) for h in root.handlers):
         root.addHandler(_TerminalErrors())
@@ -187,14 +194,17 @@ class RoundProgress:
         total: ``federation.rounds``.
         label: what the lines are about (``attacked``, ``no_attack``).
         stream: where to write (default stdout).
+        on_record: called with each round's record once, when it is shown (the trackers).
     """
 
     def __init__(self, rounds_file: Path, total: int, label: str = "",
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = Path(rounds_file)
         self.total = total
         self.label = label
         self.stream = stream or sys.stdout
+        self.on_record = on_record
         self.shown: set[int] = set()
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
@@ -228,8 +238,67 @@ class RoundProgress:
                 self.bar.update(1)
             else:
                 print(round_line(record, self.label), file=self.stream, flush=True)
+            if self.on_record is not None:
+                self.on_record(record)
 
     def close(self) -> None:
         self.poll()
         if self.bar is not None:
             self.bar.close()
+
+
+# ------------------------------------------------------------------------------- item progress
+class ItemProgress:
+    """Progress of one long step counted in items (answers generated, prompts judged).
+
+    A ``tqdm`` bar with rate and ETA on a terminal. Elsewhere (CI logs, ``ray job submit``) a plain
+    line at most every ``every`` seconds, with the ETA from the rate so far, and one at the end.
+
+    Args:
+        total: items the step will count.
+        label: what they are (``attack data: answers``, ``evaluate attacked: responses``).
+        unit: the items' name.
+        stream: where to write (default stdout).
+        every: seconds between plain lines.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "answers",
+                 stream: TextIO | None = None, every: float = 30.0) -> None:
+        import time
+
+        self.total, self.label, self.unit, self.every = total, label, unit, every
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self._clock = time.perf_counter
+        self.started = self.last = self._clock()
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"  {label}", unit=unit[:-1] if unit.endswith("s")
+                            else unit, file=self.stream, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        """Count ``n`` more items (a repeated call after a retry counts past ``total`` no more)."""
+        n = max(0, min(n, self.total - self.done))
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = self._clock()
+        if self.done < self.total and now - self.last >= self.every:
+            self.last = now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        spent = (now or self._clock()) - self.started
+        text = f"  {self.label}: {self.done}/{self.total} {self.unit}, {spent:.0f} s"
+        if 0 < self.done < self.total:
+            text += f", ETA {spent * (self.total - self.done) / self.done:.0f} s"
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self._clock() - self.started >= self.every:  # short steps print no line at all
+            print(self.line(), file=self.stream, flush=True)

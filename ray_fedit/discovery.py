@@ -164,13 +164,13 @@ def validate(config: str, overrides: Sequence[str], stages: Sequence[str] | None
     path or a shipped config's name.
 
     Raises:
-        ConfigError: for a bad config, override or stage list.
+        ConfigError: for a bad config, override or stage list, or a tracker not installed.
         DataError: for a bad local data file (the file and line are named).
     """
     import yaml
 
     from ray_fedit.config import load_config
-    from ray_fedit.pipeline import check_data_files, selected_stages
+    from ray_fedit.pipeline import preflight, selected_stages
 
     path = _config_path(config)
     try:
@@ -182,13 +182,13 @@ def validate(config: str, overrides: Sequence[str], stages: Sequence[str] | None
 
         sweep = load_sweep(path, overrides)
         for trial in sweep.trials:
-            check_data_files(trial.config, selected_stages(trial.config, stages))
+            preflight(trial.config, selected_stages(trial.config, stages))
         points = len({t.key for t in sweep.trials})
         return (f"{path}: valid sweep {sweep.spec.name!r}: {len(sweep.trials)} trials "
                 f"({points} grid points x {len(sweep.spec.seeds)} seeds) on {sweep.base.name}")
     cfg = load_config(path, overrides)
     chosen = selected_stages(cfg, stages)
-    check_data_files(cfg, chosen)
+    preflight(cfg, chosen)
     fed = cfg.federation
     return (f"{path}: valid. model {cfg.model.name}; {fed.num_clients} clients "
             f"({cfg.num_malicious} malicious), {fed.clients_per_round} per round, {fed.rounds} "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_fedit import console
+from ray_fedit import console, tracking
 from ray_fedit.config import RunConfig, load_config
 from ray_fedit.data.schema import Record, from_rows, to_table
 from ray_fedit.errors import CheckpointError, ConfigError, RunFailed
@@ -39,6 +39,7 @@ from ray_fedit.evaluation.summary import (
     summary_table,
 )
 from ray_fedit.rundir import RunDir, config_hash, update_manifest, write_json_atomic, write_manifest
+from ray_fedit.tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +259,8 @@ def _load_clients(path: Path, num_clients: int) -> list[list[Record]]:
 
 
 def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[int],
-              resume: bool, pool: Any, label: str,
-              sampling_strata: list[int] | None = None) -> str:
+              resume: bool, pool: Any, label: str, sampling_strata: list[int] | None = None,
+              on_round: Callable[[dict[str, Any]], None] | None = None) -> str:
     from ray_fedit.federation import ClientSpec, run_federation
 
     clients = _load_clients(clients_file, cfg.federation.num_clients)
@@ -272,7 +273,8 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
         eval_hook = RoundEvaluator(cfg, run.root / "eval",
                                    benign_records=from_rows(_read_records(run.data / "benign_eval.parquet")))
     has_state = (run.checkpoints).is_dir() and any(run.checkpoints.iterdir())
-    progress = console.RoundProgress(run.rounds, cfg.federation.rounds, label=label)
+    progress = console.RoundProgress(run.rounds, cfg.federation.rounds, label=label,
+                                     on_record=on_round)
     try:
         result = run_federation(cfg, run, specs, eval_hook=eval_hook, resume=resume and has_state,
                                 sampling_strata=sampling_strata, pool=pool, on_wait=progress.poll)
@@ -283,20 +285,22 @@ def _federate(cfg: RunConfig, run: RunDir, clients_file: Path, malicious: list[i
     return str(result.adapter_dir)
 
 
-def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bool = False
-                   ) -> dict[str, Any]:
+def stage_federate(cfg: RunConfig, run: RunDir, done: dict[str, Any], resume: bool = False,
+                   trackers: Trackers | None = None) -> dict[str, Any]:
     from ray_fedit.federation import WorkerPool
 
     malicious = done["prepare"]["malicious_ids"]
+    track = trackers.round_logger if trackers else (lambda label: None)
     # One pool for both federations: the workers read no attack settings, so they load the
     # model once and the no-attack run gets the same bits as on a pool of its own.
     with WorkerPool(cfg) as pool:
         out = {ATTACKED: _federate(cfg, run, run.data / "clients.parquet", malicious, resume,
-                                   pool, ATTACKED)}
+                                   pool, ATTACKED, on_round=track(ATTACKED))}
         if cfg.attack.compare_no_attack:
             out[NO_ATTACK] = _federate(no_attack_config(cfg), RunDir(run.root / NO_ATTACK),
                                        run.data / "clients_no_attack.parquet", [], resume, pool,
-                                       NO_ATTACK, sampling_strata=malicious)
+                                       NO_ATTACK, sampling_strata=malicious,
+                                       on_round=track(NO_ATTACK))
     return {"adapters": out}
 
 
@@ -355,6 +359,7 @@ def stage_defend(cfg: RunConfig, run: RunDir, done: dict[str, Any]) -> dict[str,
     return {"adapter": str(result.adapter_dir),
             "checkpoints": {str(k): str(v) for k, v in result.checkpoints.items()},
             "final_loss": result.losses[-1] if result.losses else None,
+            "losses": list(result.losses),
             "resumed_after": result.resumed_after}  # steps after which a lost worker resumed
 
 
@@ -415,6 +420,13 @@ def load_done(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
 _FILE_KINDS = ("jsonl", "csv", "parquet")
 
 
+def preflight(cfg: RunConfig, stages: Sequence[str]) -> None:
+    """The checks that run before a run directory exists or Ray starts: the local data files
+    ``stages`` read (:func:`check_data_files`) and the packages of ``output.trackers``."""
+    check_data_files(cfg, stages)
+    tracking.check_available(cfg.output.trackers)
+
+
 def check_data_files(cfg: RunConfig, stages: Sequence[str]) -> None:
     """Read every local data file (jsonl, csv, parquet) that ``stages`` will read, as they read it.
 
@@ -470,7 +482,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     chosen = selected_stages(cfg, stages)
     existing = None if run_dir is None else RunDir(Path(run_dir))
     done = {} if existing is None else load_done(existing, cfg)
-    check_data_files(cfg, [s for s in chosen if s not in done])
+    preflight(cfg, [s for s in chosen if s not in done])
     if existing is None:
         run = RunDir.create(cfg)
         write_manifest(run, cfg, stages=chosen)
@@ -481,6 +493,8 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     ensure_ray([s for s in chosen if s not in done])
     console.link_ray_logs(run.root)
     progress = Progress(chosen)
+    trackers = Trackers(cfg.output.trackers, run.root / "tracking", cfg.output.name, run.root.name)
+    trackers.log_config(cfg.model_dump(mode="json"), cfg.to_yaml())
     try:
         for i, stage in enumerate(chosen):
             if stage in done:
@@ -492,24 +506,43 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
             t0 = progress.begin(i, stage)
             fn = STAGE_FNS[stage]
             try:
-                outputs = (fn(cfg, run, done, resume=resume) if stage == "federate"
-                           else fn(cfg, run, done))
+                outputs = (fn(cfg, run, done, resume=resume, trackers=trackers)
+                           if stage == "federate" else fn(cfg, run, done))
             except (Exception, KeyboardInterrupt) as e:
                 raise RunFailed(stage, e, run.root, _log_failure(run, stage, e)) from e
             write_json_atomic(_marker(run, stage), {"config_hash": config_hash(cfg), "outputs": outputs,
                                                     "seconds": round(time.perf_counter() - t0, 1)})
             done[stage] = outputs
+            _track_stage(trackers, cfg, run, stage, outputs)
             progress.end(i, stage, t0)
     finally:
         from ray_fedit.generation import resident
 
         resident.release()  # the run's generation actor; the next run loads its own
+        trackers.close()
     metrics = collect_metrics(run.root / "eval")
     if metrics:
         effects = paired_effects(run.root / "eval", samples=cfg.evaluation.bootstrap_samples,
                                  confidence=cfg.evaluation.confidence)
         print("\n" + summary_table(metrics, effects), flush=True)
     return {"run_dir": str(run.root), "metrics": {k: flat_headline(v) for k, v in metrics.items()}}
+
+
+def _track_stage(trackers: Trackers, cfg: RunConfig, run: RunDir, stage: str,
+                 outputs: dict[str, Any]) -> None:
+    """What a finished stage gives the trackers (rounds went to them as they landed)."""
+    if not trackers:
+        return
+    if stage in ("evaluate", "evaluate_defended"):
+        for label, path in outputs["metrics"].items():
+            metrics = json.loads(Path(path).read_text())
+            trackers.log_metrics({f"eval/{label}/{k}": v for k, v in flat_headline(metrics).items()},
+                                 cfg.federation.rounds)
+    elif stage == "defend":
+        for step, loss in enumerate(outputs.get("losses") or [], start=1):
+            trackers.log_metrics({"defense/loss": loss}, step)
+    elif stage == "report":
+        trackers.log_artifacts([Path(p) for p in outputs["files"]] + [run.config_path])
 
 
 def _log_failure(run: RunDir, stage: str, e: BaseException) -> Path:

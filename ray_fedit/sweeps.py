@@ -21,6 +21,10 @@ checkpoint that holds only the directory's path (``run.json``). ``--resume`` res
 sweep with ``Tuner.restore``: finished trials are not rerun; unfinished and errored ones find their
 run directory in that checkpoint and continue it like ``ray-fedit run --resume`` (stages already done
 are skipped, the federation continues from its last checkpoint).
+
+The base config's ``output.trackers`` give Tune its own logger callbacks (TensorBoard, MLflow, W&B;
+``ray_fedit.tracking.tune_callbacks``), which log every trial's reported headline; each trial's run
+also logs its rounds in its own run directory (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -249,6 +253,7 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     from ray_fedit.pipeline import ensure_ray
     from ray_fedit.report import write_sweep_report
     from ray_fedit.resources import cluster_nodes
+    from ray_fedit.tracking import offline_defaults, tune_callbacks
 
     sweep = load_sweep(path, overrides)
     # Trials read data files relative to where the sweep was started (as `ray-fedit run` does), so
@@ -267,7 +272,9 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
     limit = sweep.spec.max_concurrent_trials or max_concurrent(
         bundles + outside_bundles(sweep.trials[0].config), ray.cluster_resources())
     trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles))
+    trackers = sweep.trials[0].config.output.trackers
     if resume:
+        offline_defaults(trackers)  # the restored callbacks are the first run's
         if not tune.Tuner.can_restore(resume):
             raise ConfigError(f"--resume {resume!r}: no restorable sweep there")
         # Unfinished and errored trials continue their run directories (see the module docstring).
@@ -284,7 +291,9 @@ def run_sweep(path: Path, overrides: Sequence[str] = (), resume: str | None = No
             # num_to_keep makes Tune save the experiment state as soon as a trial reports its run
             # directory, so a sweep killed without warning (SIGKILL, a lost head) still finds it.
             run_config=tune.RunConfig(name=sweep.spec.name, storage_path=str(storage),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=tune_callbacks(trackers, storage,
+                                                               sweep.spec.name)),
         )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_STATE).write_text(json.dumps({

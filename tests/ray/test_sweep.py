@@ -43,8 +43,9 @@ def test_sweep_2x2_resumes_after_interruption(tmp_path):
     """Interrupt a 4-trial sweep after its first trial finishes, resume it, and check that every
     trial has a result and the finished one was not run again."""
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "WANDB_MODE")}
     cmd = [sys.executable, "-m", "ray_fedit", "sweep", str(ROOT / "tests/assets/tiny_sweep.yaml"),
-           f"output.root={tmp_path}"]
+           f"output.root={tmp_path}", "output.trackers=[tensorboard,mlflow]"]
     sweep_dir = tmp_path / "sweeps" / "tiny_sweep"
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -69,6 +70,29 @@ def test_sweep_2x2_resumes_after_interruption(tmp_path):
         assert after[key]["run_dir"] == result["run_dir"]
     assert len({r["run_dir"] for r in after.values()}) == 4
     assert (sweep_dir / "sweep_results.csv").is_file()
+    _check_tune_trackers(tmp_path / "sweeps", sweep_dir, after)
+
+
+def _check_tune_trackers(storage: Path, sweep_dir: Path, results: dict[str, dict]) -> None:
+    """Ray Tune's own callbacks logged every finished trial's result, across the resume too:
+    event files in each trial's directory, and an MLflow run whose last value of each headline is
+    the trial's reported one."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.7+ asks, to read it too
+    assert len(list(sweep_dir.glob("_trainable_*/events.out.tfevents.*"))) >= 4
+    client = MlflowClient(tracking_uri=(storage / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("tiny_sweep")
+    logged: dict[str, dict[str, float]] = {}  # trial name -> last metrics
+    for run in client.search_runs([experiment.experiment_id]):
+        logged.setdefault(run.data.tags["trial_name"], {}).update(run.data.metrics)
+    for key, result in results.items():
+        runs = [m for name, m in logged.items() if name.endswith(result["trial_id"])]
+        assert [m.get("attacked.safety_rate") for m in runs] == [result["attacked.safety_rate"]], \
+            (key, logged)
+    # each trial's own run logged its rounds in its run directory
+    for result in results.values():
+        assert any((Path(result["run_dir"]) / "tracking" / "mlruns").rglob("mean_loss"))
 
 
 MID_FEDERATION_SWEEP = """\

@@ -124,3 +124,42 @@ def test_ray_logs_on_this_machine_are_linked(tmp_path, clean_logging, monkeypatc
     link = console.link_ray_logs(tmp_path / "run")
     assert link == tmp_path / "run" / "logs" / "ray" and link.resolve() == logs.resolve()
     assert console.link_ray_logs(tmp_path / "run") == link  # linking again replaces the link
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_item_progress_plain_lines_with_eta(monkeypatch):
+    """Off a terminal: a line at most every `every` seconds, with the ETA from the rate so far,
+    and a closing line for a step that took longer than that."""
+    out = io.StringIO()
+    progress = console.ItemProgress(100, "attack data: answers", stream=out, every=10.0)
+    clock = _Clock()
+    progress._clock, progress.started, progress.last = clock, 100.0, 100.0
+    clock.now = 105.0
+    progress.update(10)  # 5 s since the start: no line yet
+    clock.now = 120.0
+    progress.update(15)  # 25 of 100 in 20 s: 60 s to go
+    clock.now = 125.0
+    progress.update(25)  # 5 s since the last line
+    clock.now = 140.0
+    progress.update(80)  # past the total: counted up to it
+    progress.close()
+    assert out.getvalue().splitlines() == [
+        "  attack data: answers: 25/100 answers, 20 s, ETA 60 s",
+        "  attack data: answers: 100/100 answers, 40 s",
+    ]
+    assert progress.done == 100
+
+
+def test_item_progress_of_a_short_step_prints_nothing():
+    out = io.StringIO()
+    progress = console.ItemProgress(3, "held-out benign", stream=out, every=30.0)
+    progress.update(3)
+    progress.close()
+    assert out.getvalue() == ""
