@@ -525,6 +525,9 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
         effects = paired_effects(run.root / "eval", samples=cfg.evaluation.bootstrap_samples,
                                  confidence=cfg.evaluation.confidence)
         print("\n" + summary_table(metrics, effects), flush=True)
+    page = run.root / "report" / "report.html"
+    if "report" in done and page.is_file():
+        print(f"\nreport: {page}", flush=True)
     return {"run_dir": str(run.root), "metrics": {k: flat_headline(v) for k, v in metrics.items()}}
 
 

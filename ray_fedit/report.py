@@ -34,6 +34,7 @@ import yaml
 from ray_fedit.errors import DataError
 from ray_fedit.evaluation.paired import find_effect, paired_effects
 from ray_fedit.evaluation.summary import flat_headline, judge_order
+from ray_fedit.report_html import write_html
 
 REPORT_DIR = "report"
 RUN_MARKER = "resolved_config.yaml"
@@ -560,7 +561,7 @@ def write_run_report(root: Path) -> list[Path]:
         md += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     md_path = out / "tables.md"
     md_path.write_text("\n".join(md).rstrip() + "\n")
-    paths = [md_path, csv_path, *(p for p, _ in plots)]
+    paths = [md_path, csv_path, *(p for p, _ in plots), write_html(md_path, f"ray-fedit: {root}")]
     _announce(out, paths)
     return paths
 
@@ -1397,6 +1398,7 @@ def write_sweep_report(sweep_dir: Path, results: list[dict[str, Any]] | None = N
     md_path = out / "sweep_summary.md"
     md_path.write_text("\n".join(md).rstrip() + "\n")
     paths.insert(1, md_path)
+    paths.append(write_html(md_path, f"ray-fedit sweep: {sweep_dir}"))
     _announce(sweep_dir, paths)
     return paths
 

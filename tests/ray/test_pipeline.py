@@ -48,6 +48,7 @@ def test_all_stages_then_a_rerun_skips_them(ray_session, tmp_path, capsys, monke
     for label in ("attacked", "no_attack"):
         assert [ln.split(" | ")[0] for ln in first.splitlines() if f"  {label}: round" in ln] == \
             [f"  {label}: round 1/2", f"  {label}: round 2/2"]
+    assert first.rstrip().splitlines()[-1] == f"report: {run / 'report' / 'report.html'}"
     assert (run / "logs" / "run.log").is_file()
     assert (run / "logs" / "ray").is_symlink() and (run / "logs" / "ray").is_dir()
     _check_trackers(run, summary)

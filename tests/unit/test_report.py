@@ -239,9 +239,9 @@ def test_minimal_run_degrades_with_notes(tmp_path, capsys):
         f.write('{"round": 4, "clie')  # a run killed mid-write
     paths = write_report(run)
     printed = capsys.readouterr().out
-    assert f"4 files in {run / 'report'}" in printed and str(run / "report" / "loss.png") in printed
+    assert f"5 files in {run / 'report'}" in printed and str(run / "report" / "loss.png") in printed
     assert {p.name for p in paths} == {"tables.md", "table.csv", "loss.png",
-                                       "aggregation_weights.png"}
+                                       "aggregation_weights.png", "report.html"}
     md = (run / "report" / "tables.md").read_text()
     assert "## Notes" in md
     assert "Pairwise cosine heatmap: skipped" in md
