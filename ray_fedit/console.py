@@ -18,6 +18,9 @@ hidden: a failed stage ends with one line naming the cause and the log.
 Round progress comes from ``rounds.jsonl`` (the driver actor appends one record per round; the
 process that waits on the federation reads it), so it needs no log forwarding from actors. On a
 terminal it is a ``tqdm`` bar; elsewhere (CI logs, ``ray job submit``) one plain line per round.
+Long steps counted in items (:class:`ItemProgress`) come the same way to the waiting process:
+generated answers as Ray Data's blocks or the resident actor's streamed batches arrive, defense
+steps from the ``defense_progress.jsonl`` that the defense's rank 0 appends to.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -167,6 +171,20 @@ def link_ray_logs(run_root: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ round progress
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a JSON-lines file another process appends to (none if absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line still being written
+    return out
+
+
 def round_line(record: dict[str, Any], label: str = "") -> str:
     """One round of ``rounds.jsonl`` as a progress line."""
     aggregated = record.get("aggregated") or []
@@ -213,19 +231,8 @@ class RoundProgress:
             self.bar = tqdm(total=total, desc=f"  {label or 'rounds'}", unit="round",
                             file=self.stream, leave=True, dynamic_ncols=True)
 
-    def _records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line still being written
-        return out
-
     def poll(self) -> None:
-        for record in self._records():
+        for record in read_jsonl(self.path):
             n = record.get("round")
             if not isinstance(n, int) or n in self.shown:
                 continue
@@ -269,6 +276,7 @@ class ItemProgress:
         self.total, self.label, self.unit, self.every = total, label, unit, every
         self.stream = stream or sys.stdout
         self.done = 0
+        self.note = ""
         self._clock = time.perf_counter
         self.started = self.last = self._clock()
         self.bar = None
@@ -278,11 +286,15 @@ class ItemProgress:
             self.bar = tqdm(total=total, desc=f"  {label}", unit=unit[:-1] if unit.endswith("s")
                             else unit, file=self.stream, leave=False, dynamic_ncols=True)
 
-    def update(self, n: int) -> None:
-        """Count ``n`` more items (a repeated call after a retry counts past ``total`` no more)."""
+    def update(self, n: int, note: str = "") -> None:
+        """Count ``n`` more items (never past ``total``); ``note`` (``loss 1.23``) is shown with
+        the count until the next one."""
         n = max(0, min(n, self.total - self.done))
         self.done += n
+        self.note = note or self.note
         if self.bar is not None:
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
             self.bar.update(n)
             return
         now = self._clock()
@@ -295,10 +307,32 @@ class ItemProgress:
         text = f"  {self.label}: {self.done}/{self.total} {self.unit}, {spent:.0f} s"
         if 0 < self.done < self.total:
             text += f", ETA {spent * (self.total - self.done) / self.done:.0f} s"
-        return text
+        return text + (f", {self.note}" if self.note else "")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self._clock() - self.started >= self.every:  # short steps print no line at all
             print(self.line(), file=self.stream, flush=True)
+
+
+@contextmanager
+def watching(poll: Callable[[], None], every: float = 1.0) -> Iterator[None]:
+    """Call ``poll`` every ``every`` seconds on a daemon thread while the block runs (a call that
+    blocks, such as a Ray Train ``fit``), and once more after it."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            poll()
+
+    thread = threading.Thread(target=loop, name="ray-fedit-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll()

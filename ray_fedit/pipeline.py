@@ -185,7 +185,7 @@ def _heldout_benign(cfg: RunConfig) -> list[Record]:
         return load_source(cfg.evaluation.benign, cfg.data.on_bad_row).records
     _, held = split_seed_instructions(cfg.evaluation.num_benign_prompts)
     answered = generate(held, prompt_field="instruction", model_cfg=cfg.model, gen_cfg=cfg.generation,
-                        template=cfg.data.template, seed=cfg.seed)
+                        template=cfg.data.template, seed=cfg.seed, progress="held-out benign: answers")
     return [make_record(a["instruction"], a["response"], source="seed_heldout", meta=a["meta"])
             for a in answered if a["response"].strip()]
 

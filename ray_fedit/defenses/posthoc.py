@@ -19,7 +19,9 @@ restarts each round. Rank 0 saves the adapter in PEFT format every ``checkpoint_
 paper's steps ablation, Fig. 6), after all ranks gather it under ZeRO-3, and reports it to Ray Train
 as a checkpoint. A worker that dies restarts the group (Ray Train's ``FailureConfig``, up to
 ``resources.max_restarts`` times) from the last checkpoint, with the adapter the uninterrupted run
-would have, bitwise.
+would have, bitwise. Rank 0 also appends each round's step and mean loss to
+``defense_progress.jsonl``, which the caller shows while ``fit`` runs (a bar with ETA on a
+terminal, plain lines elsewhere).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_fedit import console
 from ray_fedit.config import RunConfig
 from ray_fedit.data.schema import Record
 from ray_fedit.errors import ConfigError
@@ -56,6 +59,8 @@ class DefenseResult:
 
 
 STARTS_FILE = "worker_group_starts.json"
+# One line per defense round, appended by rank 0 and shown by the caller while Ray Train runs.
+PROGRESS_FILE = "defense_progress.jsonl"
 
 
 def round_plan(steps: int, steps_per_round: int) -> list[int]:
@@ -241,6 +246,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         done += k
         metrics = {"step": done, "round": rnd, "lr": lr,
                    "loss": float(np.nanmean(step_losses)) if step_losses else float("nan")}
+        if rank == 0:  # the caller shows it (finetune_adapter)
+            with (out_dir / PROGRESS_FILE).open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
         if done in marks:
             # --- save: under ZeRO-3 the LoRA tensors are partitioned; every rank joins the gather ---
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 \
@@ -302,6 +310,7 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STARTS_FILE).unlink(missing_ok=True)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     t0 = time.perf_counter()
     # Ray Train workers run in their own working directory: hand them absolute paths, and the
     # DeepSpeed config as read here (a bad file fails now, naming the file).
@@ -320,7 +329,17 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
                                   failure_config=FailureConfig(
                                       max_failures=cfg.resources.max_restarts)),
     )
-    trainer.fit()
+    progress = console.ItemProgress(d.steps, "defense", unit="steps")
+
+    def show() -> None:
+        records = console.read_jsonl(out_dir / PROGRESS_FILE)
+        if records:
+            last = records[-1]
+            progress.update(last["step"] - progress.done, note=f"loss {last['loss']:.4f}")
+
+    with console.watching(show):
+        trainer.fit()
+    progress.close()
     plan = round_plan(d.steps, d.steps_per_round)
     marks = checkpoint_steps(d.steps, d.checkpoint_every, plan)
     checkpoints = {s: out_dir / STEP_DIR.format(s) for s in marks}

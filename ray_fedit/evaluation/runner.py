@@ -99,8 +99,8 @@ def summarize_judge(rows: list[dict[str, Any]], categories: list[str], *, sample
     return result
 
 
-def _generate_all(cfg: RunConfig, adapter_dir: Path | None,
-                  jobs: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
+def _generate_all(cfg: RunConfig, adapter_dir: Path | None, jobs: list[tuple[str, float | None]],
+                  label: str = "evaluation") -> list[dict[str, Any]]:
     """Answer every ``(prompt, temperature or None for the config's)`` job, in order.
 
     Jobs that share a temperature share one engine pass, so an evaluation loads the evaluated model
@@ -117,7 +117,9 @@ def _generate_all(cfg: RunConfig, adapter_dir: Path | None,
         rows = generate([{"prompt": jobs[i][0]} for i in idx], prompt_field="prompt",
                         model_cfg=cfg.model, gen_cfg=cfg.generation, template=cfg.data.template,
                         adapter_dir=adapter_dir, seed=cfg.seed,
-                        sampling=SamplingParams.from_config(cfg.generation, temperature=temp))
+                        sampling=SamplingParams.from_config(cfg.generation, temperature=temp),
+                        progress=f"{label}: responses"
+                        + (f" (temperature {temp})" if len(groups) > 1 else ""))
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
     return out
@@ -166,7 +168,8 @@ def _responses_fingerprint(cfg: RunConfig, adapter_dir: Path | None) -> str:
 
 
 def _responses(cfg: RunConfig, adapter_dir: Path | None, jobs: list[tuple[str, float | None]],
-               sets: list[str], out_dir: Path, *, resume: bool) -> tuple[list[dict[str, Any]], bool]:
+               sets: list[str], out_dir: Path, *, resume: bool, label: str = "evaluation"
+               ) -> tuple[list[dict[str, Any]], bool]:
     """Every job's response, and whether they were read back rather than generated.
 
     Generated responses go to ``out_dir/responses.parquet`` before any judge runs, so a judge that
@@ -202,7 +205,7 @@ def _responses(cfg: RunConfig, adapter_dir: Path | None, jobs: list[tuple[str, f
                 "changed; evaluate into a fresh directory, or delete the file to generate again")
         log.info("evaluation: %d responses read back from %s", len(rows), path)
         return rows, True
-    generated = _generate_all(cfg, adapter_dir, jobs)
+    generated = _generate_all(cfg, adapter_dir, jobs, label)
     _write_parquet(path, {
         "set": sets, "prompt": [k[1] for k in keys], "temperature": [k[2] for k in keys],
         "response": [g["response"] for g in generated],
@@ -286,7 +289,8 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
     jobs += [(q["instruction"], CATEGORY_TEMPERATURE.get(q["category"], 0.7)) for q in questions]
     sets = ([name for name, _, recs, _ in benches for _ in recs] + ["benign"] * len(benign)
             + ["mt_bench"] * len(questions))
-    generated, reused = _responses(cfg, adapter_dir, jobs, sets, out_dir, resume=resume)
+    generated, reused = _responses(cfg, adapter_dir, jobs, sets, out_dir, resume=resume,
+                                   label=f"evaluate {stage}")
     timing["generate"] = time.perf_counter() - clock
 
     # ---- judges and scorers: one Ray task for the model work, in-process work meanwhile ----

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ray_fedit import console
 from ray_fedit.config import GenerationConfig, ModelConfig
 from ray_fedit.data.templates import Template
 from ray_fedit.generation.errors import GenerationError
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 def generate(rows: Sequence[Mapping[str, Any]], *, prompt_field: str, model_cfg: ModelConfig,
              gen_cfg: GenerationConfig, template: Template,
              adapter_dir: str | Path | None = None, seed: int = 0,
-             sampling: SamplingParams | None = None) -> list[dict[str, Any]]:
+             sampling: SamplingParams | None = None,
+             progress: str | None = None) -> list[dict[str, Any]]:
     """Answer the prompt of every row with the configured engine.
 
     Args:
@@ -44,6 +46,9 @@ def generate(rows: Sequence[Mapping[str, Any]], *, prompt_field: str, model_cfg:
             resident actor), ``vllm`` applies it per row.
         seed: base seed of the row seeds.
         sampling: decoding settings; default from ``gen_cfg``.
+        progress: a label to count the answers under as they arrive (a bar with ETA on a
+            terminal, plain lines elsewhere; ``console.ItemProgress``); None shows nothing. The
+            ``hf`` and ``http`` engines count each batch; ``vllm`` counts at the end.
 
     Returns:
         The input rows, in order, each with ``response`` (stripped text), ``finish_reason``
@@ -59,14 +64,22 @@ def generate(rows: Sequence[Mapping[str, Any]], *, prompt_field: str, model_cfg:
         return []
     kwargs = {"model_cfg": model_cfg, "gen": gen_cfg, "template": template, "sampling": sampling,
               "adapter_dir": adapter_dir}
-    if gen_cfg.engine == "hf":
-        outputs = _run_hf(requests, **kwargs)
-    elif gen_cfg.engine == "http":
-        outputs = _run_http(requests, gen=gen_cfg, sampling=sampling)
-    else:
-        from ray_fedit.generation import vllm
+    counter = None if progress is None else console.ItemProgress(len(requests), progress)
+    on_answers = None if counter is None else counter.update
+    try:
+        if gen_cfg.engine == "hf":
+            outputs = _run_hf(requests, **kwargs, on_answers=on_answers)
+        elif gen_cfg.engine == "http":
+            outputs = _run_http(requests, gen=gen_cfg, sampling=sampling, on_answers=on_answers)
+        else:
+            from ray_fedit.generation import vllm
 
-        outputs = vllm.run(requests, **kwargs)
+            outputs = vllm.run(requests, **kwargs)
+            if on_answers is not None:
+                on_answers(len(outputs))
+    finally:
+        if counter is not None:
+            counter.close()
     by_idx = {int(o["_idx"]): from_response(o) for o in outputs}
     if len(by_idx) != len(requests):
         raise GenerationError(f"engine {gen_cfg.engine!r} returned {len(by_idx)} responses for "
@@ -100,9 +113,20 @@ def map_in_placement(ds: Any, fn: Any, **kwargs: Any) -> Any:
             pg, placement_group_capture_child_tasks=True))
 
 
+def take_all(ds: Any, on_answers: Callable[[int], None] | None) -> list[dict[str, Any]]:
+    """``ds.take_all()`` (which iterates ``iter_rows``), counting rows as blocks arrive."""
+    if on_answers is None:
+        return ds.take_all()
+    rows: list[dict[str, Any]] = []
+    for row in ds.iter_rows():
+        rows.append(row)
+        on_answers(1)
+    return rows
+
+
 def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: GenerationConfig,
-            template: Template, sampling: SamplingParams,
-            adapter_dir: str | Path | None) -> list[dict[str, Any]]:
+            template: Template, sampling: SamplingParams, adapter_dir: str | Path | None,
+            on_answers: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     import ray
 
     from ray_fedit.generation import resident
@@ -113,7 +137,7 @@ def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Gene
     ordered = sorted(requests, key=lambda r: len(r["prompt"]), reverse=True)
     if resident.serves(gen):  # one CPU actor: the process's resident one, loaded once
         return resident.run(ordered, model_cfg=model_cfg, gen=gen, template=template,
-                            sampling=sampling, adapter_dir=adapter_dir)
+                            sampling=sampling, adapter_dir=adapter_dir, on_answers=on_answers)
     ds = map_in_placement(
         ray.data.from_items(ordered), HFGenerator,
         fn_constructor_kwargs={
@@ -128,11 +152,11 @@ def _run_hf(requests: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Gene
         num_cpus=1,
         num_gpus=gen.gpus_per_actor,
     )
-    return ds.take_all()
+    return take_all(ds, on_answers)
 
 
-def _run_http(requests: list[dict[str, Any]], *, gen: GenerationConfig,
-              sampling: SamplingParams) -> list[dict[str, Any]]:
+def _run_http(requests: list[dict[str, Any]], *, gen: GenerationConfig, sampling: SamplingParams,
+              on_answers: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     import ray
 
     from ray_fedit.generation.http import HttpChatGenerator, api_key_from_env
@@ -146,4 +170,4 @@ def _run_http(requests: list[dict[str, Any]], *, gen: GenerationConfig,
         batch_format="numpy",
         num_cpus=0,  # waits on the network; it should not hold a CPU other work could use
     )
-    return ds.take_all()
+    return take_all(ds, on_answers)

@@ -335,7 +335,8 @@ class _Context:
         t0 = time.perf_counter()
         out = generate(rows, prompt_field="prompt", model_cfg=self.generator, gen_cfg=self.gen,
                        template=self.template, adapter_dir=self.adapter_dir,
-                       seed=row_seed(self.seed, self.kind, tag), sampling=sampling)
+                       seed=row_seed(self.seed, self.kind, tag), sampling=sampling,
+                       progress=f"{self.kind} data: {tag or 'answers'}")
         tokens = sum(int(o.get("num_generated_tokens", 0)) for o in out)
         seconds = time.perf_counter() - t0
         log.info("%s data: %d answers, %d tokens in %.0f s (%.1f tokens/s, with actor start-up)",

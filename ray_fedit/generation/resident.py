@@ -21,6 +21,7 @@ actor.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,21 +104,21 @@ class ResidentGenerator:
 
     def generate(self, batches: list[list[dict[str, Any]]], template: Template,
                  sampling: dict[str, Any], adapter_dir: str | None,
-                 torch_threads: int) -> list[dict[str, Any]]:
-        """Answer request rows batch by batch, as ``HFGenerator`` answers Ray Data's batches."""
+                 torch_threads: int) -> Iterator[list[dict[str, Any]]]:
+        """Answer request rows batch by batch, as ``HFGenerator`` answers Ray Data's batches;
+        each batch's answers are yielded as they are done (a streaming actor call), under one
+        adapter merge for the whole call."""
         import torch
 
         from ray_fedit.generation.hf import adapter_merged, generate_batch
 
         torch.set_num_threads(torch_threads)
         params = SamplingParams(**sampling)
-        out: list[dict[str, Any]] = []
         with adapter_merged(self.model, adapter_dir) as model:
             for batch in batches:
                 answers = generate_batch(model, self.tokenizer, [r["prompt"] for r in batch],
                                          [int(r["seed"]) for r in batch], params, template)
-                out += [{"_idx": r["_idx"], **a} for r, a in zip(batch, answers, strict=True)]
-        return out
+                yield [{"_idx": r["_idx"], **a} for r, a in zip(batch, answers, strict=True)]
 
 
 def _actor(model_cfg: ModelConfig, torch_threads: int) -> Any:
@@ -134,29 +135,46 @@ def _actor(model_cfg: ModelConfig, torch_threads: int) -> Any:
 
 
 def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: GenerationConfig,
-        template: Template, sampling: SamplingParams,
-        adapter_dir: str | Path | None) -> list[dict[str, Any]]:
+        template: Template, sampling: SamplingParams, adapter_dir: str | Path | None,
+        on_answers: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Answer request rows (already in the Ray Data path's order) on the resident actor.
 
-    A dead actor (its process killed) is replaced once, and the call repeated on the new one. A
-    call that fails inside the actor stops it before the error propagates: a merge that failed
-    halfway could leave adapter layers in its model, and the next call then loads a fresh one.
+    ``on_answers(n)`` is called as each batch's ``n`` answers arrive. A dead actor (its process
+    killed) is replaced once, and the call repeated on the new one (answers already counted are
+    not counted again). A call that fails inside the actor stops it before the error propagates:
+    a merge that failed halfway could leave adapter layers in its model, and the next call then
+    loads a fresh one.
     """
-    import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     batches = [[ordered[i] for i in rows]
                for rows in ray_data_batches(len(ordered), gen.batch_size, from_items_num_blocks())]
     args = (batches, template, sampling.as_dict(),
             None if adapter_dir is None else str(Path(adapter_dir).resolve()), gen.torch_threads)
+    counted = 0
+
+    def call() -> list[dict[str, Any]]:
+        nonlocal counted
+        import ray
+
+        out: list[dict[str, Any]] = []
+        stream = _actor(model_cfg, gen.torch_threads).generate.options(
+            num_returns="streaming").remote(*args)
+        for ref in stream:
+            out += ray.get(ref)
+            if on_answers is not None and len(out) > counted:
+                on_answers(len(out) - counted)
+                counted = len(out)
+        return out
+
     try:
-        return ray.get(_actor(model_cfg, gen.torch_threads).generate.remote(*args))
+        return call()
     except RayTaskError:
         release()
         raise
     except RayActorError:
         release()
-        return ray.get(_actor(model_cfg, gen.torch_threads).generate.remote(*args))
+        return call()
 
 
 def release() -> None:

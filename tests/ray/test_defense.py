@@ -51,6 +51,12 @@ def test_posthoc_trains_from_the_global_adapter_and_checkpoints(ray_session, tin
     assert (v3 != v0).any() and (v6 != v3).any()
     # training from the attacked adapter: a small step away from it, not a fresh adapter
     assert abs(v6 - v0).max() < abs(v0).max()
+    # the progress the caller showed: one line per round, with that round's mean loss
+    progress = [json.loads(line) for line in
+                (tmp_path / "defense" / "defense_progress.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["round"]) for p in progress] == [(3, 0), (6, 1)]
+    assert [p["loss"] for p in progress] == pytest.approx(
+        [sum(result.losses[:3]) / 3, sum(result.losses[3:]) / 3], rel=1e-12)
 
 
 def test_pretrained_variant_starts_from_a_fresh_adapter(ray_session, tiny_config, tmp_path):

@@ -119,3 +119,34 @@ def test_a_call_that_fails_in_the_actor_stops_it_and_the_next_call_loads_afresh(
         answers(gen, tmp_path)  # no adapter there: PEFT fails inside the actor
     assert not resident._ACTORS
     assert len(answers(gen, None)) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("resident_actor", [True, False], ids=["resident", "ray-data"])
+def test_answers_are_counted_as_they_arrive(ray_session, adapters, monkeypatch, resident_actor):
+    """``progress=`` counts every answer once, batch by batch as they arrive (the resident actor
+    streams its batches), and the answers are those of an uncounted call."""
+    from ray_fedit import console
+
+    counts: list[int] = []
+
+    class Recorder(console.ItemProgress):
+        def update(self, n: int) -> None:
+            counts.append(n)
+            super().update(n)
+
+    monkeypatch.setattr(console, "ItemProgress", Recorder)
+    if not resident_actor:
+        monkeypatch.setattr(resident, "serves", lambda gen: False)
+    gen = GenerationConfig(batch_size=2, max_new_tokens=4, torch_threads=1)
+    rows = [{"instruction": p} for p in PROMPTS]
+    plain = generate(rows, prompt_field="instruction", model_cfg=TINY, gen_cfg=gen,
+                     template="chat", adapter_dir=adapters[0], seed=5)
+    counted = generate(rows, prompt_field="instruction", model_cfg=TINY, gen_cfg=gen,
+                       template="chat", adapter_dir=adapters[0], seed=5, progress="test: answers")
+    assert counted == plain
+    assert sum(counts) == len(PROMPTS)
+    if resident_actor:  # one count per batch the resident actor answered
+        assert counts == [len(b) for b in ray_data_batches(len(PROMPTS), 2,
+                                                           from_items_num_blocks())]
+    else:
+        assert counts == [1] * len(PROMPTS)

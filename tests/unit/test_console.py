@@ -163,3 +163,30 @@ def test_item_progress_of_a_short_step_prints_nothing():
     progress.update(3)
     progress.close()
     assert out.getvalue() == ""
+
+
+def test_watching_polls_while_the_block_runs_and_once_after():
+    import threading
+
+    calls: list[str] = []
+    release = threading.Event()
+
+    def poll() -> None:
+        calls.append("poll")
+        if len(calls) >= 2:
+            release.set()
+
+    with console.watching(poll, every=0.01):
+        assert release.wait(5)  # polled while the block still ran
+        calls.append("block ends")
+    assert calls[-1] == "poll" and "block ends" in calls
+
+
+def test_item_progress_notes_ride_with_the_count():
+    out = io.StringIO()
+    progress = console.ItemProgress(24, "defense", unit="steps", stream=out, every=10.0)
+    clock = _Clock()
+    progress._clock, progress.started, progress.last = clock, 100.0, 100.0
+    clock.now = 112.0
+    progress.update(8, note="loss 1.2500")
+    assert out.getvalue() == "  defense: 8/24 steps, 12 s, ETA 24 s, loss 1.2500\n"
