@@ -259,7 +259,8 @@ class ItemProgress:
     """Progress of one long step counted in items (answers generated, prompts judged).
 
     A ``tqdm`` bar with rate and ETA on a terminal. Elsewhere (CI logs, ``ray job submit``) a plain
-    line at most every ``every`` seconds, with the ETA from the rate so far, and one at the end.
+    line at most every ``every`` seconds, with the ETA from the rate so far, and one at the end
+    when any was shown (a short step shows none: its caller's own line says it is done).
 
     Args:
         total: items the step will count.
@@ -277,6 +278,7 @@ class ItemProgress:
         self.stream = stream or sys.stdout
         self.done = 0
         self.note = ""
+        self.printed = False  # a partial count was shown (then the end is shown too)
         self._clock = time.perf_counter
         self.started = self.last = self._clock()
         self.bar = None
@@ -298,8 +300,9 @@ class ItemProgress:
             self.bar.update(n)
             return
         now = self._clock()
-        if self.done < self.total and now - self.last >= self.every:
+        if n and self.done < self.total and now - self.last >= self.every:
             self.last = now
+            self.printed = True
             print(self.line(now), file=self.stream, flush=True)
 
     def line(self, now: float | None = None) -> str:
@@ -312,7 +315,7 @@ class ItemProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self._clock() - self.started >= self.every:  # short steps print no line at all
+        elif self.printed:  # a step that showed no partial count needs no closing line
             print(self.line(), file=self.stream, flush=True)
 
 
@@ -324,9 +327,15 @@ def watching(poll: Callable[[], None], every: float = 1.0) -> Iterator[None]:
 
     stop = threading.Event()
 
+    def safe_poll() -> None:
+        try:
+            poll()
+        except Exception:  # noqa: BLE001 - progress must never fail or hide the work's outcome
+            logging.getLogger("ray_fedit").debug("progress poll failed", exc_info=True)
+
     def loop() -> None:
         while not stop.wait(every):
-            poll()
+            safe_poll()
 
     thread = threading.Thread(target=loop, name="ray-fedit-progress", daemon=True)
     thread.start()
@@ -335,4 +344,4 @@ def watching(poll: Callable[[], None], every: float = 1.0) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        poll()
+        safe_poll()

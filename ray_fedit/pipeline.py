@@ -493,7 +493,10 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
     ensure_ray([s for s in chosen if s not in done])
     console.link_ray_logs(run.root)
     progress = Progress(chosen)
-    trackers = Trackers(cfg.output.trackers, run.root / "tracking", cfg.output.name, run.root.name)
+    # A resume starts a tracker run of its own, holding the stages it runs (none: no tracker run).
+    todo = [s for s in chosen if s not in done]
+    trackers = Trackers(cfg.output.trackers if todo else [], run.root / "tracking",
+                        cfg.output.name, run.root.name)
     trackers.log_config(cfg.model_dump(mode="json"), cfg.to_yaml())
     try:
         for i, stage in enumerate(chosen):
@@ -533,9 +536,18 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] | None = None, *,
 
 def _track_stage(trackers: Trackers, cfg: RunConfig, run: RunDir, stage: str,
                  outputs: dict[str, Any]) -> None:
-    """What a finished stage gives the trackers (rounds went to them as they landed)."""
+    """What a finished stage gives the trackers (rounds went to them as they landed). A failure
+    here is a warning: the stage's outputs are written and stay the record."""
     if not trackers:
         return
+    try:
+        _stage_to_trackers(trackers, cfg, run, stage, outputs)
+    except Exception as e:  # noqa: BLE001 - tracking must not end a run
+        log.warning("trackers: %s's outputs were not logged (%s: %s)", stage, type(e).__name__, e)
+
+
+def _stage_to_trackers(trackers: Trackers, cfg: RunConfig, run: RunDir, stage: str,
+                       outputs: dict[str, Any]) -> None:
     if stage in ("evaluate", "evaluate_defended"):
         for label, path in outputs["metrics"].items():
             metrics = json.loads(Path(path).read_text())

@@ -45,11 +45,18 @@ def inline(text: str) -> str:
     return "".join(out)
 
 
+def _link(match: re.Match[str]) -> str:
+    text, url = match.group(1), html.unescape(match.group(2))
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", url)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        return text  # no javascript: or data: links in a page that promises no script
+    return f'<a href="{html.escape(url)}">{text}</a>'
+
+
 def _emphasis(text: str) -> str:
     text = html.escape(text, quote=False)
     text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)",
-                  lambda m: f'<a href="{html.escape(m.group(2))}">{m.group(1)}</a>', text)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", _link, text)
 
 
 def _cells(line: str) -> list[str]:

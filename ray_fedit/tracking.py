@@ -18,8 +18,9 @@ Offline by default, everything under ``RUN_DIR/tracking/``: TensorBoard event fi
 ``tracking/wandb`` unless ``WANDB_MODE=online`` (then ``wandb sync`` is not needed). The W&B
 project is ``WANDB_PROJECT`` (default ``ray-fedit``); the MLflow experiment is ``output.name``.
 
-The writers run in the process that runs the pipeline (the CLI, a sweep trial), never in actors.
-Sweeps log the trials' final metrics with Ray Tune's own callbacks (:func:`tune_callbacks`).
+The writers run in the process that runs the pipeline (the CLI, or a sweep trial's process), not
+in the actors it starts. Sweeps log the trials' final metrics with Ray Tune's own callbacks
+(:func:`tune_callbacks`).
 """
 
 from __future__ import annotations
@@ -180,15 +181,16 @@ class _WandB:
         (root / "wandb").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "ray-fedit"), group=name, name=run_name,
-            dir=str(root), mode=os.environ.get("WANDB_MODE", "offline"),
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+            dir=str(root), mode=os.environ.get("WANDB_MODE", "offline"), settings=_wandb_settings())
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log_config(self, config: Mapping[str, Any], text: str) -> None:
         self.run.config.update(dict(config), allow_val_change=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        # W&B's step must not go back: a second federation's round 1 follows the first's last
-        # round; the run's own step is logged as the x-axis instead.
+        # W&B's own step must not go back, and a second federation's round 1 follows the first's
+        # last round: our step is the metric ``step``, every other metric's x-axis.
         self.run.log({**metrics, "step": step})
 
     def log_artifacts(self, paths: Sequence[Path]) -> None:
@@ -199,6 +201,13 @@ class _WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _wandb_settings() -> Any:
+    """W&B without its terminal lines, stdout capture or system-stats sampling."""
+    import wandb
+
+    return wandb.Settings(silent=True, console="off", x_disable_stats=True)
 
 
 _CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
@@ -252,9 +261,11 @@ class Trackers:
     def log_config(self, config: Mapping[str, Any], text: str) -> None:
         self._each("log_config", config, text)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if metrics:
-            self._each("log_metrics", dict(metrics), int(step))
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log the numeric values of ``metrics`` (None, a judge that parsed nothing, is left out)."""
+        numbers = {k: n for k, v in metrics.items() if (n := _number(v)) is not None}
+        if numbers:
+            self._each("log_metrics", numbers, int(step))
 
     def log_artifacts(self, paths: Sequence[Path]) -> None:
         files = [Path(p) for p in paths if Path(p).is_file()]
@@ -280,8 +291,9 @@ def offline_defaults(names: Sequence[str]) -> None:
     """The environment the offline defaults need in this process: MLflow's file store must be
     asked for (MLflow 3.7+) and W&B's callback checks ``WANDB_MODE`` before any key. Call it
     before a restored sweep's callbacks (unpickled, not built here) start."""
-    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in names and (not uri or uri.startswith("file:") or "://" not in uri):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store, ours or named
     if "wandb" in names:
         os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -292,20 +304,27 @@ def tune_callbacks(names: Sequence[str], storage: Path, experiment: str) -> list
     offline_defaults(names)
     callbacks: list[Any] = []
     for name in names:
-        if name == "tensorboard":
+        if name == "tensorboard" and os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
+            # Tune writes TensorBoard event files into every trial's directory by default (its
+            # automatic TBXLoggerCallback); only where that is switched off is one added.
             from ray.tune.logger import TBXLoggerCallback
 
-            callbacks.append(TBXLoggerCallback())  # event files in each trial's directory
+            callbacks.append(TBXLoggerCallback())
         elif name == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
             uri = (os.environ.get("MLFLOW_TRACKING_URI")
                    or (Path(storage) / "mlruns").resolve().as_uri())
             callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment))
+            import mlflow  # noqa: F401 - its import gives its logger a terminal handler
+
+            from ray_fedit import console
+
+            console.quiet_libraries()
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
             callbacks.append(WandbLoggerCallback(
                 project=os.environ.get("WANDB_PROJECT", "ray-fedit"), group=experiment,
-                mode=os.environ["WANDB_MODE"], dir=str(storage)))
+                mode=os.environ["WANDB_MODE"], dir=str(storage), settings=_wandb_settings()))
     return callbacks

@@ -337,9 +337,11 @@ def finetune_adapter(cfg: RunConfig, records: list[Record], *, init_adapter: Pat
             last = records[-1]
             progress.update(last["step"] - progress.done, note=f"loss {last['loss']:.4f}")
 
-    with console.watching(show):
-        trainer.fit()
-    progress.close()
+    try:
+        with console.watching(show):
+            trainer.fit()
+    finally:
+        progress.close()
     plan = round_plan(d.steps, d.steps_per_round)
     marks = checkpoint_steps(d.steps, d.checkpoint_every, plan)
     checkpoints = {s: out_dir / STEP_DIR.format(s) for s in marks}

@@ -174,7 +174,11 @@ def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Generatio
         raise
     except RayActorError:
         release()
+    try:
         return call()
+    except RayTaskError:
+        release()
+        raise
 
 
 def release() -> None:

@@ -17,7 +17,7 @@ MD = """# Report of `runs/x`
 | Method | safe (%) ↑ | note |
 |---|---|---|
 | FedAvg | 50.0 [35.4, 62.6] n=48 | a \\| b |
-| + defense | <b>31.2</b> | `x|y` |
+| + defense | <b>31.2</b> | `x\\|y` |
 
 Some text
 on two lines.
@@ -40,6 +40,7 @@ def test_the_markdown_the_report_writes_renders():
     assert "<th>safe (%) ↑</th>" in page
     assert "<td>a | b</td>" in page  # an escaped pipe stays in its cell
     assert "<td>&lt;b&gt;31.2&lt;/b&gt;</td>" in page  # text is escaped, never markup
+    assert "<td><code>x|y</code></td>" in page
     assert "<p>Some text on two lines.</p>" in page
     assert "<pre>  keep   spacing &lt;here&gt;</pre>" in page
     assert page.count("<tr>") == 3 and "---" not in page
@@ -48,6 +49,13 @@ def test_the_markdown_the_report_writes_renders():
 
 def test_inline_code_is_not_markup():
     assert inline("`**a**` and **b**") == "<code>**a**</code> and <strong>b</strong>"
+
+
+def test_links_keep_their_url_and_never_run_script():
+    assert inline("[q](https://x.org/?a=1&b=2)") == '<a href="https://x.org/?a=1&amp;b=2">q</a>'
+    assert inline("[run](javascript:void)") == "run"
+    assert inline("[img](data:text/html,x)") == "img"
+    assert inline("[plot](loss.png)") == '<a href="loss.png">plot</a>'
 
 
 class _Page(HTMLParser):

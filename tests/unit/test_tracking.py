@@ -90,10 +90,12 @@ def test_each_backend_reads_back_the_rounds_evaluations_and_report(tmp_path, off
     progress = console.RoundProgress(rounds_file, 3, label="attacked", stream=open("/dev/null", "w"),
                                      on_record=trackers.round_logger("attacked"))
     progress.close()
-    trackers.log_metrics({"eval/attacked/safety_rate": 0.375}, 3)
+    # a judge that parsed nothing gives None: left out, and the backends stay
+    trackers.log_metrics({"eval/attacked/safety_rate": 0.375, "eval/attacked/benign_nll": None}, 3)
     for step, loss in enumerate([1.5, 1.25], start=1):
         trackers.log_metrics({"defense/loss": loss}, step)
     trackers.log_artifacts([report, tmp_path / "missing.png"])  # a missing file is skipped
+    assert set(trackers.backends) == {"tensorboard", "mlflow", "wandb"}
     trackers.close()
 
     losses = [(r["round"], r["mean_loss"]) for r in rounds]
@@ -103,6 +105,7 @@ def test_each_backend_reads_back_the_rounds_evaluations_and_report(tmp_path, off
         [(s, float(np.float32(v))) for s, v in losses]
     assert scalars["federation/attacked/malicious_weight"] == [(r, 0.75) for r in (1, 2, 3)]
     assert scalars["eval/attacked/safety_rate"] == [(3, 0.375)]
+    assert "eval/attacked/benign_nll" not in scalars
     assert scalars["defense/loss"] == [(1, 1.5), (2, 1.25)]
     assert {"config/text_summary", "report/report.md/text_summary"} <= set(
         tensorboard_texts(root / "tensorboard"))
@@ -122,7 +125,11 @@ def test_each_backend_reads_back_the_rounds_evaluations_and_report(tmp_path, off
     assert [files for _, files in wb["artifacts"]] == [["report.md"]]
 
 
-def test_a_failing_backend_is_dropped_not_fatal(tmp_path, offline, caplog):
+def test_a_failing_backend_is_dropped_not_fatal(tmp_path, offline, caplog, monkeypatch):
+    import logging
+
+    # an earlier CLI test may have stopped the project's records from reaching caplog
+    monkeypatch.setattr(logging.getLogger("ray_fedit"), "propagate", True)
     trackers = Trackers(["tensorboard"], tmp_path, "study", "run")
 
     def boom(*args):
@@ -143,18 +150,23 @@ def test_no_trackers_is_a_no_op(tmp_path):
     assert not (tmp_path / "tracking").exists()
 
 
-def test_sweeps_get_ray_tunes_own_callbacks(tmp_path, offline):
+def test_sweeps_get_ray_tunes_own_callbacks(tmp_path, offline, monkeypatch):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.air.integrations.wandb import WandbLoggerCallback
     from ray.tune.logger import TBXLoggerCallback
 
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
     callbacks = tracking.tune_callbacks(["tensorboard", "mlflow", "wandb"], tmp_path, "grid")
-    assert [type(c) for c in callbacks] == [TBXLoggerCallback, MLflowLoggerCallback,
-                                            WandbLoggerCallback]
-    assert callbacks[1].tracking_uri == (tmp_path / "mlruns").resolve().as_uri()
-    assert callbacks[1].experiment_name == "grid"
-    assert callbacks[2].project == "ray-fedit" and callbacks[2].kwargs["mode"] == "offline"
+    # Tune's automatic TBXLoggerCallback writes the event files: no second one
+    assert [type(c) for c in callbacks] == [MLflowLoggerCallback, WandbLoggerCallback]
+    assert callbacks[0].tracking_uri == (tmp_path / "mlruns").resolve().as_uri()
+    assert callbacks[0].experiment_name == "grid"
+    assert callbacks[1].project == "ray-fedit" and callbacks[1].kwargs["mode"] == "offline"
+    assert callbacks[1].kwargs["settings"].silent
     assert tracking.tune_callbacks([], tmp_path, "grid") == []
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    assert [type(c) for c in tracking.tune_callbacks(["tensorboard"], tmp_path, "grid")] == \
+        [TBXLoggerCallback]
 
 
 def test_run_refuses_a_missing_tracker_before_the_run_directory(tmp_path, monkeypatch):
