@@ -40,7 +40,7 @@ def local_engine(smollm2, monkeypatch):
     model, tok = smollm2
 
     def engine(rows, *, prompt_field, model_cfg, gen_cfg, template, adapter_dir=None, seed=0,
-               sampling=None):
+               sampling=None, progress=None):
         assert model_cfg.name == SMOLLM2.name and adapter_dir is None
         sampling = sampling or SamplingParams.from_config(gen_cfg)
         reqs = [to_request(r, i, prompt_field=prompt_field, seed=seed) for i, r in enumerate(rows)]
