@@ -49,7 +49,7 @@ class FakeEngine:
         self.items_per_list = items_per_list
 
     def __call__(self, rows, *, prompt_field, model_cfg, gen_cfg, template, adapter_dir=None,
-                 seed=0, sampling=None):
+                 seed=0, sampling=None, progress=None):
         self.calls.append(len(rows))
         out = []
         for r in rows:
