@@ -171,6 +171,16 @@ def link_ray_logs(run_root: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ round progress
+def terminal_bar(stream: TextIO, total: int, label: str, unit: str, *, leave: bool) -> Any:
+    """A ``tqdm`` bar on ``stream`` when it is a terminal, else None (the caller prints lines)."""
+    if not getattr(stream, "isatty", lambda: False)():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"  {label}", unit=unit, file=stream, leave=leave,
+                dynamic_ncols=True)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The complete records of a JSON-lines file another process appends to (none if absent)."""
     path = Path(path)
@@ -224,12 +234,7 @@ class RoundProgress:
         self.stream = stream or sys.stdout
         self.on_record = on_record
         self.shown: set[int] = set()
-        self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=f"  {label or 'rounds'}", unit="round",
-                            file=self.stream, leave=True, dynamic_ncols=True)
+        self.bar = terminal_bar(self.stream, total, label or "rounds", "round", leave=True)
 
     def poll(self) -> None:
         for record in read_jsonl(self.path):
@@ -281,12 +286,7 @@ class ItemProgress:
         self.printed = False  # a partial count was shown (then the end is shown too)
         self._clock = time.perf_counter
         self.started = self.last = self._clock()
-        self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=f"  {label}", unit=unit[:-1] if unit.endswith("s")
-                            else unit, file=self.stream, leave=False, dynamic_ncols=True)
+        self.bar = terminal_bar(self.stream, total, label, unit.removesuffix("s"), leave=False)
 
     def update(self, n: int, note: str = "") -> None:
         """Count ``n`` more items (never past ``total``); ``note`` (``loss 1.23``) is shown with

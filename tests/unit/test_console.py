@@ -190,3 +190,19 @@ def test_item_progress_notes_ride_with_the_count():
     clock.now = 112.0
     progress.update(8, note="loss 1.2500")
     assert out.getvalue() == "  defense: 8/24 steps, 12 s, ETA 24 s, loss 1.2500\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_and_a_log_gets_none():
+    bar = console.terminal_bar(_Terminal(), 24, "defense", "step", leave=False)
+    assert bar.total == 24 and bar.unit == "step" and bar.desc == "  defense"
+    bar.close()
+    assert console.terminal_bar(io.StringIO(), 24, "defense", "step", leave=False) is None
+    progress = console.ItemProgress(3, "answers", stream=_Terminal())
+    progress.update(2, note="loss 1.0")
+    assert progress.bar.n == 2 and progress.bar.unit == "answer"
+    progress.close()
