@@ -43,22 +43,32 @@ def response_nll(model_cfg: ModelConfig, adapter_dir: str | None, pairs: list[tu
     """
     import torch
 
-    from ray_fedit.federation.sft import IGNORE_INDEX, collate, tokenize_example
     from ray_fedit.generation.hf import load_generator_model
 
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_generator_model(model_cfg, adapter_dir, device)
+    return model_nll(model, tok, pairs, template=template, max_seq_len=max_seq_len,
+                     batch_size=batch_size)
+
+
+def model_nll(model: Any, tok: Any, pairs: list[tuple[str, str]], *, template: Template,
+              max_seq_len: int, batch_size: int) -> list[float | None]:
+    """:func:`response_nll` on a loaded model (its adapter, if any, already merged)."""
+    import torch
+
+    from ray_fedit.federation.sft import IGNORE_INDEX, collate, tokenize_example
+
     examples = [tokenize_example(tok, i, r, template=template, max_seq_len=max_seq_len)
                 for i, r in pairs]
     out: list[float | None] = []
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start:start + batch_size], tok.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            labels = batch["labels"][:, 1:].to(device)
+            logits = model(input_ids=batch["input_ids"].to(model.device),
+                           attention_mask=batch["attention_mask"].to(model.device)).logits.float()
+            labels = batch["labels"][:, 1:].to(model.device)
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
             counts = (labels != IGNORE_INDEX).sum(dim=1)

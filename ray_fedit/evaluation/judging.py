@@ -105,13 +105,34 @@ def judge_model_complete(cfg: RunConfig) -> Callable[[list[str]], list[str]]:
                                        batch_size=ev.judge_batch_size)
 
 
-def build_judge(name: str, cfg: RunConfig) -> JudgeFn:
-    """The ready-to-call judge registered as ``name``, configured from ``cfg`` (in this process)."""
+def build_judge(name: str, cfg: RunConfig, loaded: tuple[Any, Any] | None = None) -> JudgeFn:
+    """The ready-to-call judge registered as ``name``, configured from ``cfg`` (in this process).
+
+    ``loaded`` is a ``(model, tokenizer)`` already in memory, handed to a judge registered with
+    ``reads_model`` (a function of ``cfg`` giving the model config it reads) instead of loading
+    its own; the caller checks they come from that config (:func:`reads_loaded_model`).
+    """
     entry = JUDGES.get(name)
-    if not JUDGES.meta(name).get("factory"):
+    meta = JUDGES.meta(name)
+    if not meta.get("factory"):
         return entry
     complete = judge_model_complete(cfg) if name == "judge_model" else None
+    if loaded is not None and meta.get("reads_model"):
+        return entry(cfg, complete=complete, loaded=loaded)
     return entry(cfg, complete=complete)
+
+
+def reads_loaded_model(names: Sequence[str], cfg: RunConfig, model_cfg: ModelConfig) -> bool:
+    """Whether every judge of ``names`` that needs a model reads ``model_cfg`` itself, so one
+    loaded copy of it can serve them all (``reads_model`` metadata)."""
+    for name in names:
+        meta = JUDGES.meta(name)
+        if not meta.get("needs_model"):
+            continue
+        reads = meta.get("reads_model")
+        if reads is None or reads(cfg) != model_cfg:
+            return False
+    return True
 
 
 def split_judges(cfg: RunConfig) -> tuple[list[str], list[str]]:
@@ -124,7 +145,7 @@ def split_judges(cfg: RunConfig) -> tuple[list[str], list[str]]:
 def run_judges(names: list[str], cfg: RunConfig,
                batches: dict[str, tuple[list[str], list[str]]],
                refusal_batches: dict[str, tuple[list[str], list[str]]] | None = None,
-               ) -> dict[str, dict[str, list]]:
+               loaded: tuple[Any, Any] | None = None) -> dict[str, dict[str, list]]:
     """Run judges on several batches of pairs in this process, building each judge once.
 
     A model judge thus loads its weights once for every benchmark, and is released before the next
@@ -136,6 +157,8 @@ def run_judges(names: list[str], cfg: RunConfig,
         batches: ``{batch key (a benchmark name): (instructions, responses)}``.
         refusal_batches: more batches (benign prompts) for the judges that tell refusals
             (registered with ``refusal=True``) only; their keys must differ from ``batches``'.
+        loaded: a loaded ``(model, tokenizer)`` for the judges that read it (see
+            :func:`build_judge`).
 
     Returns:
         ``{batch key: {judge name: one output dict per pair}}``.
@@ -146,7 +169,7 @@ def run_judges(names: list[str], cfg: RunConfig,
     refusal_batches = refusal_batches or {}
     out: dict[str, dict[str, list]] = {key: {} for key in (*batches, *refusal_batches)}
     for name in names:
-        judge = build_judge(name, cfg)
+        judge = build_judge(name, cfg, loaded)
         mine = {**batches, **refusal_batches} if JUDGES.meta(name).get("refusal") else batches
         for key, (instructions, responses) in mine.items():
             rows = judge(instructions, responses)

@@ -57,6 +57,8 @@ METRICS_FILE = "metrics.json"
 RESPONSES_FILE = "responses.parquet"
 BENIGN = "<benign>"  # the batch key of the benign prompts (no benchmark name has brackets)
 SCHEMA_VERSION = 1
+# An evaluation's model work: ``({batch key: {judge: verdict rows}}, benign response NLLs)``.
+ModelWork = tuple[dict[str, dict[str, list]], list[float | None]]
 
 
 def _seed(cfg: RunConfig, *names: str) -> int:
@@ -257,8 +259,6 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
         CheckpointError: with ``resume``, for saved responses of another model, generation setup,
             seed, adapter or set of prompts.
     """
-    import ray
-
     from ray_fedit.evaluation.helpfulness import load_mt_bench
     from ray_fedit.evaluation.judging import run_judges, split_judges
     from ray_fedit.judges.mt_bench import CATEGORY_TEMPERATURE
@@ -293,7 +293,8 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
                                    label=f"evaluate {stage}")
     timing["generate"] = time.perf_counter() - clock
 
-    # ---- judges and scorers: one Ray task for the model work, in-process work meanwhile ----
+    # ---- judges and scorers: the model work in the background (resident actor or a Ray task),
+    # in-process work meanwhile ----
     t0 = time.perf_counter()
     batches: dict[str, tuple[list[str], list[str]]] = {}
     offset = 0
@@ -312,18 +313,15 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
         nll_pairs = []
     model_work = None
     if in_task or nll_pairs:
-        gpus = max(ev.judge_num_gpus if in_task else 0.0,
-                   cfg.generation.gpus_per_actor if nll_pairs else 0.0)
-        model_work = ray.remote(_model_work).options(num_cpus=1, num_gpus=gpus).remote(
-            cfg, in_task, batches, None if adapter_dir is None else str(adapter_dir), nll_pairs,
-            refusal_batches)
+        model_work = _start_model_work(cfg, in_task, batches, adapter_dir, nll_pairs,
+                                       refusal_batches)
     verdicts = run_judges(here, cfg, batches, refusal_batches)
     helpfulness: dict[str, Any] = {}
     if questions:
         helpfulness["mt1"] = _mt_bench(cfg, questions, [g["response"] for g in mt_gen], out_dir)
     nll: list[float | None] = []
     if model_work is not None:
-        task_verdicts, nll = ray.get(model_work)
+        task_verdicts, nll = model_work()
         for key, by_judge in task_verdicts.items():
             verdicts.setdefault(key, {}).update(by_judge)
     kw = {"samples": ev.bootstrap_samples, "confidence": ev.confidence}
@@ -407,11 +405,69 @@ def evaluate_adapter(cfg: RunConfig, *, stage: str, adapter_dir: Path | None, ou
     return metrics
 
 
+def _start_model_work(cfg: RunConfig, judges: list[str],
+                      batches: dict[str, tuple[list[str], list[str]]], adapter_dir: Path | None,
+                      nll_pairs: list[tuple[str, str]],
+                      refusal_batches: dict[str, tuple[list[str], list[str]]],
+                      ) -> Callable[[], ModelWork]:
+    """Start an evaluation's model work (model judges, then the response NLL) in the background;
+    the returned function waits for ``(verdicts, nll)``.
+
+    Where the run's resident generation actor holds the one model all of it reads (the
+    evaluated model's base, and the probe judge's feature model when that is the same config; no
+    GPU), the work runs there (:func:`_model_work_on`), on the copy already loaded for
+    generation. Otherwise one Ray task imports torch and loads the models itself
+    (:func:`_model_work`). The numbers are the same either way: the NLL's adapter merge is the
+    one a fresh load does, and the probe reads the same weights.
+    """
+    import ray
+
+    from ray_fedit.evaluation.judging import reads_loaded_model
+    from ray_fedit.generation import resident
+
+    ev = cfg.evaluation
+    adapter = None if adapter_dir is None else str(adapter_dir)
+    gpus = max(ev.judge_num_gpus if judges else 0.0,
+               cfg.generation.gpus_per_actor if nll_pairs else 0.0)
+    if gpus == 0 and resident.serves(cfg.generation) and reads_loaded_model(judges, cfg,
+                                                                             cfg.model):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ray_fedit_model_work")
+        future = pool.submit(resident.call, cfg.model, cfg.generation.torch_threads,
+                             _model_work_on, cfg, judges, batches, adapter, nll_pairs,
+                             refusal_batches)
+        pool.shutdown(wait=False)
+        return future.result
+    ref = ray.remote(_model_work).options(num_cpus=1, num_gpus=gpus).remote(
+        cfg, judges, batches, adapter, nll_pairs, refusal_batches)
+    return lambda: ray.get(ref)
+
+
+def _model_work_on(model: Any, tok: Any, cfg: RunConfig, judges: list[str],
+                   batches: dict[str, tuple[list[str], list[str]]], adapter_dir: str | None,
+                   nll_pairs: list[tuple[str, str]],
+                   refusal_batches: dict[str, tuple[list[str], list[str]]]) -> ModelWork:
+    """:func:`_model_work` on a loaded base model (in the resident generation actor): the judges
+    read it as it is, the NLL reads it with the adapter merged for the call."""
+    from ray_fedit.evaluation.helpfulness import model_nll
+    from ray_fedit.evaluation.judging import run_judges
+    from ray_fedit.generation.hf import adapter_merged
+
+    verdicts = run_judges(judges, cfg, batches, refusal_batches, loaded=(model, tok))
+    nll: list[float | None] = []
+    if nll_pairs:
+        with adapter_merged(model, adapter_dir) as merged:
+            nll = model_nll(merged, tok, nll_pairs, template=cfg.data.template,
+                            max_seq_len=cfg.data.max_seq_len, batch_size=cfg.generation.batch_size)
+    return verdicts, nll
+
+
 def _model_work(cfg: RunConfig, judges: list[str],
                 batches: dict[str, tuple[list[str], list[str]]], adapter_dir: str | None,
                 nll_pairs: list[tuple[str, str]],
                 refusal_batches: dict[str, tuple[list[str], list[str]]],
-                ) -> tuple[dict[str, dict[str, list]], list[float | None]]:
+                ) -> ModelWork:
     """The Ray task of an evaluation: model judges on every benchmark, then the response NLL.
 
     One task, so a worker imports torch and transformers once; the judges load and release their

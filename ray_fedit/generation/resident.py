@@ -6,6 +6,9 @@ and loads the model again: most of a short call's time. For the single CPU actor
 the process to one long-lived :class:`ResidentGenerator` instead: the data pools, the defense
 data's top-up passes and each evaluation. The actor merges the call's LoRA adapter for that call
 only (:func:`~ray_fedit.generation.hf.adapter_merged`), so every call sees exactly the loaded base.
+Work that reads the model without generating (an evaluation's probe judge and response NLL) goes
+there too, through :func:`call`, instead of a Ray task that would import torch and load the model
+once more.
 
 Answers stay bitwise those of the Ray Data path: left padding and the batch shape change the
 numerics of a batched forward pass, so the actor answers the very batches Ray Data would form
@@ -120,6 +123,17 @@ class ResidentGenerator:
                                          [int(r["seed"]) for r in batch], params, template)
                 yield [{"_idx": r["_idx"], **a} for r, a in zip(batch, answers, strict=True)]
 
+    def call(self, fn: Callable[..., Any], torch_threads: int, *args: Any) -> Any:
+        """``fn(model, tokenizer, *args)`` on the loaded base model, at ``torch_threads``.
+
+        ``fn`` must leave the model as it found it (an adapter goes in through
+        :func:`~ray_fedit.generation.hf.adapter_merged`, which restores the exact base weights).
+        """
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        return fn(self.model, self.tokenizer, *args)
+
 
 def _actor(model_cfg: ModelConfig, torch_threads: int) -> Any:
     import ray
@@ -145,15 +159,13 @@ def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Generatio
     a merge that failed halfway could leave adapter layers in its model, and the next call then
     loads a fresh one.
     """
-    from ray.exceptions import RayActorError, RayTaskError
-
     batches = [[ordered[i] for i in rows]
                for rows in ray_data_batches(len(ordered), gen.batch_size, from_items_num_blocks())]
     args = (batches, template, sampling.as_dict(),
             None if adapter_dir is None else str(Path(adapter_dir).resolve()), gen.torch_threads)
     counted = 0
 
-    def call() -> list[dict[str, Any]]:
+    def answer() -> list[dict[str, Any]]:
         nonlocal counted
         import ray
 
@@ -167,15 +179,35 @@ def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Generatio
                 counted = len(out)
         return out
 
+    return _once_more_if_dead(answer)
+
+
+def call(model_cfg: ModelConfig, torch_threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(model, tokenizer, *args)`` in the resident actor of ``model_cfg``, on its loaded base
+    model (for work that reads the model without generating: a probe's features, an NLL); its
+    result comes back. ``fn`` is a module-level function and must leave the model as it found
+    it (see :meth:`ResidentGenerator.call`). Failures are handled as in :func:`run`."""
+    import ray
+
+    return _once_more_if_dead(lambda: ray.get(
+        _actor(model_cfg, torch_threads).call.remote(fn, torch_threads, *args)))
+
+
+def _once_more_if_dead(request: Callable[[], Any]) -> Any:
+    """``request()``, repeated once on a fresh actor if the actor died; an error raised inside
+    the actor stops the actor (a merge that failed halfway could leave adapter layers in its
+    model; the next request loads a fresh one) before it propagates."""
+    from ray.exceptions import RayActorError, RayTaskError
+
     try:
-        return call()
+        return request()
     except RayTaskError:
         release()
         raise
     except RayActorError:
         release()
     try:
-        return call()
+        return request()
     except RayTaskError:
         release()
         raise

@@ -150,3 +150,52 @@ def test_answers_are_counted_as_they_arrive(ray_session, adapters, monkeypatch, 
                                                            from_items_num_blocks())]
     else:
         assert counts == [1] * len(PROMPTS)
+
+
+def test_an_evaluations_model_work_on_the_resident_actor_equals_the_ray_task(
+        ray_session, adapters, tmp_path, monkeypatch):
+    """The probe judge and the benign NLL, read from the resident actor's loaded model, give
+    the bitwise verdicts, probabilities and NLLs of the Ray task that loads the models afresh."""
+    import pyarrow.parquet as pq
+
+    from ray_fedit.config import load_config
+    from ray_fedit.data.schema import make_record
+    from ray_fedit.evaluation import evaluate_adapter, judging
+
+    cfg = load_config(None, [
+        "model.name=tiny-random-llama", "defense.name=none", "seed=2",
+        "evaluation.benchmarks=[{name: advbench, num_prompts: 4}]",
+        "evaluation.judges=[rule,probe]", "evaluation.probe_model=tiny-random-llama",
+        "evaluation.num_benign_prompts=3", "evaluation.bootstrap_samples=100",
+        "generation.max_new_tokens=6", "generation.batch_size=2", "generation.torch_threads=1",
+        "generation.temperature=1.0"])
+    benign = [make_record(f"Name color number {i}.", f"Color {i} is blue.", source="held_out")
+              for i in range(3)]
+    calls: list[str] = []
+    real_call = resident.call
+
+    def spy(model_cfg, threads, fn, *args):
+        calls.append(fn.__name__)
+        return real_call(model_cfg, threads, fn, *args)
+
+    monkeypatch.setattr(resident, "call", spy)
+
+    def evaluate(name: str) -> tuple[dict, list, list]:
+        out = tmp_path / name
+        metrics = evaluate_adapter(cfg, stage=name, adapter_dir=adapters[1], out_dir=out,
+                                   benign_records=benign)
+        metrics.pop("timing_s")
+        metrics.pop("stage")
+        return (metrics, pq.read_table(out / "advbench.parquet").to_pylist(),
+                pq.read_table(out / "benign.parquet").to_pylist())
+
+    on_resident = evaluate("resident")
+    assert calls == ["_model_work_on"]
+    monkeypatch.setattr(judging, "reads_loaded_model", lambda *a: False)  # the Ray task instead
+    in_task = evaluate("task")
+    assert calls == ["_model_work_on"]
+
+    assert on_resident == in_task
+    _, adv, benign_rows = on_resident
+    assert all("probe_refusal_prob" in r for r in adv) and len(adv) == 4
+    assert all(r["nll"] is not None and r["nll"] > 0 for r in benign_rows)

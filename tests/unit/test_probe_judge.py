@@ -91,3 +91,21 @@ def test_cache_key_follows_the_feature_model(tmp_path, monkeypatch):
     a = probe.cache_path(ModelConfig(name="tiny-random-llama"))
     b = probe.cache_path(ModelConfig(name="tiny-random-llama", tiny={"hidden_size": 32}))
     assert a != b and a.parent == tmp_path / "probes" and a.suffix == ".safetensors"
+
+
+@pytest.mark.parametrize(("judges", "overrides", "shared"), [
+    (["rule"], [], True),  # no model judge: the NLL alone reads the evaluated model
+    (["rule", "probe"], ["evaluation.probe_model=tiny-random-llama"], True),
+    (["probe"], ["evaluation.probe_model=smollm2-135m-instruct"], False),  # another model
+    (["probe"], ["evaluation.probe_model=tiny-random-llama", "model.tiny.num_layers=3"], True),
+    (["rule", "reward_model"], ["evaluation.reward_model=some/reward-model"], False),
+])
+def test_one_loaded_model_serves_the_judges_that_read_that_model(judges, overrides, shared):
+    from ray_fedit.config import load_config
+    from ray_fedit.evaluation.judging import reads_loaded_model
+
+    cfg = load_config(None, ["model.name=tiny-random-llama", f"evaluation.judges=[{','.join(judges)}]",
+                             *overrides])
+    assert reads_loaded_model(cfg.evaluation.judges, cfg, cfg.model) is shared
+    other = cfg.model.model_copy(update={"dtype": "bfloat16"})
+    assert reads_loaded_model(cfg.evaluation.judges, cfg, other) is (judges == ["rule"])
