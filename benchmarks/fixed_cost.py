@@ -19,6 +19,15 @@ both sides), alternating ``--repeats`` times; the fastest repeat of each side co
 load only ever slows a side down. It prints both walls, the floor's own phases, and the ratio
 run / floor. Both sides must end with the bitwise same global adapter (the same work), which it
 checks against the run's ``checkpoints/final``.
+
+``--quickstart-before TREE`` also runs ``configs/quickstart.yaml`` (the whole demo, about 15-20
+minutes a run on 2 cores) from TREE (a checkout of an earlier commit, e.g. ``git worktree add
+../before COMMIT``) and then from this tree, with the same caches (the first run fills them, so
+run it once beforehand for a fair ``prepare``), and prints each stage's seconds before and after,
+their ratio, and whether every adapter (``adapter_model.safetensors``) and every evaluation's
+responses are the same bytes and rows::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/fixed_cost.py --repeats 1 --quickstart-before ../before
 """
 
 from __future__ import annotations
@@ -91,9 +100,67 @@ def run_adapter(output_root: Path) -> Any:
     return AdapterCodec.from_state_dict(state).flatten(state)
 
 
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def quickstart(tree: Path, output_root: Path, env: dict[str, str]) -> tuple[float, Path]:
+    """``ray-fedit run configs/quickstart.yaml`` from ``tree``'s code: (wall, run directory)."""
+    tree_env = {**env, "PYTHONPATH": str(tree)}
+    wall, _ = timed([sys.executable, "-m", "ray_fedit", "run", str(tree / QUICKSTART),
+                     f"output.root={output_root}", "output.name=quickstart"], tree_env)
+    (run,) = output_root.glob("quickstart/*")
+    return wall, run
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Each finished stage's seconds, from ``RUN/stages/*.json``."""
+    out = {}
+    for path in sorted((run / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        out[path.stem] = float(json.loads(path.read_text())["seconds"])
+    return out
+
+
+def same_outputs(a: Path, b: Path) -> list[str]:
+    """What differs between two runs' adapters (bytes) and evaluation responses (rows)."""
+    import pyarrow.parquet as pq
+
+    differ = []
+    adapters = sorted(p.relative_to(a) for p in a.rglob("adapter_model.safetensors"))
+    if adapters != sorted(p.relative_to(b) for p in b.rglob("adapter_model.safetensors")):
+        differ.append("the set of adapters")
+    for rel in adapters:
+        if (b / rel).is_file() and (a / rel).read_bytes() != (b / rel).read_bytes():
+            differ.append(str(rel))
+    for path in sorted(a.glob("eval/*/*.parquet")):
+        rel = path.relative_to(a)
+        if not (b / rel).is_file() or pq.read_table(path) != pq.read_table(b / rel):
+            differ.append(str(rel))
+    return differ
+
+
+def compare_quickstart(before_tree: Path, env: dict[str, str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for side, tree in (("before", before_tree.resolve()), ("after", ROOT)):
+            print(f"quickstart {side} ({tree}) ...", flush=True)
+            runs[side] = quickstart(tree, Path(tmp) / side, env)
+        times = {side: stage_seconds(run) for side, (_, run) in runs.items()}
+        print(f"{'stage':20} {'before s':>9} {'after s':>9} {'after/before':>13}")
+        for stage in times["before"]:
+            b, a = times["before"][stage], times["after"].get(stage, float("nan"))
+            print(f"{stage:20} {b:9.1f} {a:9.1f} {a / b:13.2f}")
+        (wb, _), (wa, _) = runs["before"], runs["after"]
+        print(f"{'process wall':20} {wb:9.1f} {wa:9.1f} {wa / wb:13.2f}")
+        differ = same_outputs(runs["before"][1], runs["after"][1])
+        print("adapters and evaluation responses bitwise the same: "
+              + ("yes" if not differ else f"NO ({', '.join(differ)})"), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quickstart-before", type=Path, metavar="TREE",
+                        help="also compare the quickstart's stage times with this earlier tree")
     parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # the floor's own process
     args = parser.parse_args()
     if args.floor is not None:
@@ -104,6 +171,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.quickstart_before is not None and not (args.quickstart_before / QUICKSTART).is_file():
+        parser.error(f"--quickstart-before {args.quickstart_before}: no {QUICKSTART} there")
     walls: dict[str, list[float]] = {"floor": [], "run": []}
     same = True
     print(f"{'side':6} {'wall s':>7}  detail", flush=True)
@@ -127,6 +196,8 @@ def main() -> None:
     ratio = min(walls["run"]) / min(walls["floor"])
     print(f"ray-fedit run / in-process floor (fastest repeats): {min(walls['run']):.2f} s / "
           f"{min(walls['floor']):.2f} s = {ratio:.2f}x; same final adapter (bitwise): {same}")
+    if args.quickstart_before is not None:
+        compare_quickstart(args.quickstart_before, env)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def flaky_judge(monkeypatch):
     real_build = judging.build_judge
     failed: list[str] = []
 
-    def build(name, cfg):
-        judge = real_build(name, cfg)
+    def build(name, cfg, loaded=None):
+        judge = real_build(name, cfg, loaded)
 
         def once_broken(instructions, responses):
             if not failed:
