@@ -124,11 +124,15 @@ def same_outputs(a: Path, b: Path) -> list[str]:
     """What differs between two runs' adapters (bytes) and evaluation responses (rows)."""
     import pyarrow.parquet as pq
 
+    def adapters(root: Path) -> list[Path]:
+        # Ray Train's copies of the defense checkpoints sit under directories named by trial id.
+        return sorted(p.relative_to(root) for p in root.rglob("adapter_model.safetensors")
+                      if "ray_train" not in p.relative_to(root).parts)
+
     differ = []
-    adapters = sorted(p.relative_to(a) for p in a.rglob("adapter_model.safetensors"))
-    if adapters != sorted(p.relative_to(b) for p in b.rglob("adapter_model.safetensors")):
-        differ.append("the set of adapters")
-    for rel in adapters:
+    if adapters(a) != adapters(b):
+        differ.append(f"the set of adapters ({len(adapters(a))} vs {len(adapters(b))})")
+    for rel in adapters(a):
         if (b / rel).is_file() and (a / rel).read_bytes() != (b / rel).read_bytes():
             differ.append(str(rel))
     for path in sorted(a.glob("eval/*/*.parquet")):
@@ -138,12 +142,13 @@ def same_outputs(a: Path, b: Path) -> list[str]:
     return differ
 
 
-def compare_quickstart(before_tree: Path, env: dict[str, str]) -> None:
+def compare_quickstart(before_tree: Path, env: dict[str, str], keep: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) if keep is None else keep
         runs = {}
         for side, tree in (("before", before_tree.resolve()), ("after", ROOT)):
             print(f"quickstart {side} ({tree}) ...", flush=True)
-            runs[side] = quickstart(tree, Path(tmp) / side, env)
+            runs[side] = quickstart(tree, root / side, env)
         times = {side: stage_seconds(run) for side, (_, run) in runs.items()}
         print(f"{'stage':20} {'before s':>9} {'after s':>9} {'after/before':>13}")
         for stage in times["before"]:
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quickstart-before", type=Path, metavar="TREE",
                         help="also compare the quickstart's stage times with this earlier tree")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep the quickstart runs under DIR (default: a temporary directory)")
     parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # the floor's own process
     args = parser.parse_args()
     if args.floor is not None:
@@ -197,7 +204,7 @@ def main() -> None:
     print(f"ray-fedit run / in-process floor (fastest repeats): {min(walls['run']):.2f} s / "
           f"{min(walls['floor']):.2f} s = {ratio:.2f}x; same final adapter (bitwise): {same}")
     if args.quickstart_before is not None:
-        compare_quickstart(args.quickstart_before, env)
+        compare_quickstart(args.quickstart_before, env, args.keep)
 
 
 if __name__ == "__main__":

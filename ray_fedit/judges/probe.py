@@ -214,13 +214,14 @@ class FeatureModel:
         hidden = int(self.model.config.hidden_size)
         out = {key: np.zeros((len(heads), hidden)) for key in keys}
         order = sorted(range(len(heads)), key=lambda i: len(heads[i][0]) + len(heads[i][1]))
+        deepest = max(layer for _, layer in keys)
         self.tok.padding_side = "right"
         with torch.inference_mode():
             for start in range(0, len(order), BATCH_SIZE):
                 idx = order[start:start + BATCH_SIZE]
                 enc = self.tok([heads[i][0] + heads[i][1] for i in idx], return_tensors="pt",
                                padding=True, add_special_tokens=False).to(self.device)
-                states = self.model(**enc, output_hidden_states=True).hidden_states
+                states = self.hidden_states(enc, deepest)
                 mask = enc["attention_mask"].to(torch.float64)
                 starts = torch.tensor([len(self.tok(heads[i][0], add_special_tokens=False)["input_ids"])
                                        for i in idx], device=mask.device)
@@ -231,6 +232,23 @@ class FeatureModel:
                     pooled = (states[layer].to(torch.float64) * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
                     out[(pooling, layer)][idx] = pooled.cpu().numpy()
         return out
+
+    def hidden_states(self, enc: Any, deepest: int) -> tuple[Any, ...]:
+        """Hidden states ``0..deepest`` of a tokenized batch (state ``i`` is the input of decoder
+        layer ``i``; state ``num_layers`` the normed output).
+
+        The pass skips the LM head and stops after decoder layer ``deepest`` (the decoder runs
+        its first ``config.num_hidden_layers`` layers, set for this call only), which halves the
+        judge's cost at the default layer; each layer reads only the ones before it, so the states
+        are those of a full pass, bitwise (``tests/unit/test_probe_features.py``).
+        """
+        decoder = self.model.get_decoder()
+        total = int(decoder.config.num_hidden_layers)
+        decoder.config.num_hidden_layers = min(total, deepest + 1)
+        try:
+            return decoder(**enc, output_hidden_states=True, use_cache=False).hidden_states
+        finally:
+            decoder.config.num_hidden_layers = total
 
     def _head(self, text: str, n: int) -> str:
         """The first ``n`` tokens of ``text``, as text."""
