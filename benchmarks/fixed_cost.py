@@ -82,9 +82,10 @@ def floor(out: Path) -> None:
                                "model_and_rounds": t_end - t_prepare, "rounds": sum(rounds)}))
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+def timed(cmd: list[str], env: dict[str, str],
+          cwd: Path = ROOT) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -104,10 +105,17 @@ QUICKSTART = "configs/quickstart.yaml"
 
 
 def quickstart(tree: Path, output_root: Path, env: dict[str, str]) -> tuple[float, Path]:
-    """``ray-fedit run configs/quickstart.yaml`` from ``tree``'s code: (wall, run directory)."""
+    """``ray-fedit run configs/quickstart.yaml`` from ``tree``'s code: (wall, run directory).
+
+    It runs in ``tree``: ``python -m`` puts the working directory first on ``sys.path``, ahead
+    of ``PYTHONPATH`` and of the editable install."""
     tree_env = {**env, "PYTHONPATH": str(tree)}
-    wall, _ = timed([sys.executable, "-m", "ray_fedit", "run", str(tree / QUICKSTART),
-                     f"output.root={output_root}", "output.name=quickstart"], tree_env)
+    probe = subprocess.run([sys.executable, "-c", "import ray_fedit; print(ray_fedit.__file__)"],
+                           cwd=tree, env=tree_env, capture_output=True, text=True)
+    if not probe.stdout.strip().startswith(str(tree)):
+        sys.exit(f"the quickstart of {tree} would import ray_fedit from {probe.stdout.strip()}")
+    wall, _ = timed([sys.executable, "-m", "ray_fedit", "run", QUICKSTART,
+                     f"output.root={output_root}", "output.name=quickstart"], tree_env, cwd=tree)
     (run,) = output_root.glob("quickstart/*")
     return wall, run
 
