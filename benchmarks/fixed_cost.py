@@ -20,8 +20,8 @@ load only ever slows a side down. It prints both walls, the floor's own phases, 
 run / floor. Both sides must end with the bitwise same global adapter (the same work), which it
 checks against the run's ``checkpoints/final``.
 
-``--quickstart-before TREE`` also runs ``configs/quickstart.yaml`` (the whole demo, about 15-20
-minutes a run on 2 cores) from TREE (a checkout of an earlier commit, e.g. ``git worktree add
+``--quickstart-before TREE`` also runs ``configs/quickstart.yaml`` (the whole demo, 6-8 minutes a
+run on 2 idle cores with warm caches) from TREE (a checkout of an earlier commit, e.g. ``git worktree add
 ../before COMMIT``) and then from this tree, with the same caches (the first run fills them, so
 run it once beforehand for a fair ``prepare``), and prints each stage's seconds before and after,
 their ratio, and whether every adapter (``adapter_model.safetensors``) and every evaluation's
@@ -112,7 +112,7 @@ def quickstart(tree: Path, output_root: Path, env: dict[str, str]) -> tuple[floa
     tree_env = {**env, "PYTHONPATH": str(tree)}
     probe = subprocess.run([sys.executable, "-c", "import ray_fedit; print(ray_fedit.__file__)"],
                            cwd=tree, env=tree_env, capture_output=True, text=True)
-    if not probe.stdout.strip().startswith(str(tree)):
+    if not Path(probe.stdout.strip() or "/").resolve().is_relative_to(tree.resolve()):
         sys.exit(f"the quickstart of {tree} would import ray_fedit from {probe.stdout.strip()}")
     wall, _ = timed([sys.executable, "-m", "ray_fedit", "run", QUICKSTART,
                      f"output.root={output_root}", "output.name=quickstart"], tree_env, cwd=tree)
@@ -143,9 +143,10 @@ def same_outputs(a: Path, b: Path) -> list[str]:
     for rel in adapters(a):
         if (b / rel).is_file() and (a / rel).read_bytes() != (b / rel).read_bytes():
             differ.append(str(rel))
-    for path in sorted(a.glob("eval/*/*.parquet")):
-        rel = path.relative_to(a)
-        if not (b / rel).is_file() or pq.read_table(path) != pq.read_table(b / rel):
+    tables = sorted({p.relative_to(root) for root in (a, b) for p in root.glob("eval/*/*.parquet")})
+    for rel in tables:
+        if not ((a / rel).is_file() and (b / rel).is_file()) \
+                or pq.read_table(a / rel) != pq.read_table(b / rel):
             differ.append(str(rel))
     return differ
 
@@ -188,6 +189,8 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.quickstart_before is not None and not (args.quickstart_before / QUICKSTART).is_file():
         parser.error(f"--quickstart-before {args.quickstart_before}: no {QUICKSTART} there")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: not empty; name a new or empty directory")
     walls: dict[str, list[float]] = {"floor": [], "run": []}
     same = True
     print(f"{'side':6} {'wall s':>7}  detail", flush=True)

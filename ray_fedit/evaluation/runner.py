@@ -418,7 +418,9 @@ def _start_model_work(cfg: RunConfig, judges: list[str],
     GPU), the work runs there (:func:`_model_work_on`), on the copy already loaded for
     generation. Otherwise one Ray task imports torch and loads the models itself
     (:func:`_model_work`). The numbers are the same either way: the NLL's adapter merge is the
-    one a fresh load does, and the probe reads the same weights.
+    one a fresh load does, the probe reads the same weights, and both paths run at
+    ``generation.torch_threads`` (the CPU kernels give the same bits at 1 and 2 threads here, but
+    nothing promises that in general).
     """
     import ray
 
@@ -431,14 +433,8 @@ def _start_model_work(cfg: RunConfig, judges: list[str],
                cfg.generation.gpus_per_actor if nll_pairs else 0.0)
     if gpus == 0 and resident.serves(cfg.generation) and reads_loaded_model(judges, cfg,
                                                                              cfg.model):
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ray_fedit_model_work")
-        future = pool.submit(resident.call, cfg.model, cfg.generation.torch_threads,
-                             _model_work_on, cfg, judges, batches, adapter, nll_pairs,
-                             refusal_batches)
-        pool.shutdown(wait=False)
-        return future.result
+        return resident.submit(cfg.model, cfg.generation.torch_threads, _model_work_on, cfg,
+                               judges, batches, adapter, nll_pairs, refusal_batches)
     ref = ray.remote(_model_work).options(num_cpus=1, num_gpus=gpus).remote(
         cfg, judges, batches, adapter, nll_pairs, refusal_batches)
     return lambda: ray.get(ref)
@@ -473,9 +469,12 @@ def _model_work(cfg: RunConfig, judges: list[str],
     One task, so a worker imports torch and transformers once; the judges load and release their
     weights one after the other, then the evaluated model loads for the NLL.
     """
+    import torch
+
     from ray_fedit.evaluation.helpfulness import response_nll
     from ray_fedit.evaluation.judging import run_judges
 
+    torch.set_num_threads(cfg.generation.torch_threads)  # as on the resident actor
     verdicts = run_judges(judges, cfg, batches, refusal_batches)
     nll = response_nll(cfg.model, adapter_dir, nll_pairs, template=cfg.data.template,
                        max_seq_len=cfg.data.max_seq_len, batch_size=cfg.generation.batch_size,

@@ -7,7 +7,7 @@ the process to one long-lived :class:`ResidentGenerator` instead: the data pools
 data's top-up passes and each evaluation. The actor merges the call's LoRA adapter for that call
 only (:func:`~ray_fedit.generation.hf.adapter_merged`), so every call sees exactly the loaded base.
 Work that reads the model without generating (an evaluation's probe judge and response NLL) goes
-there too, through :func:`call`, instead of a Ray task that would import torch and load the model
+there too, through :func:`submit`, instead of a Ray task that would import torch and load the model
 once more.
 
 Answers stay bitwise those of the Ray Data path: left padding and the batch shape change the
@@ -182,15 +182,38 @@ def run(ordered: list[dict[str, Any]], *, model_cfg: ModelConfig, gen: Generatio
     return _once_more_if_dead(answer)
 
 
-def call(model_cfg: ModelConfig, torch_threads: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(model, tokenizer, *args)`` in the resident actor of ``model_cfg``, on its loaded base
-    model (for work that reads the model without generating: a probe's features, an NLL); its
-    result comes back. ``fn`` is a module-level function and must leave the model as it found
-    it (see :meth:`ResidentGenerator.call`). Failures are handled as in :func:`run`."""
-    import ray
+def submit(model_cfg: ModelConfig, torch_threads: int, fn: Callable[..., Any],
+           *args: Any) -> Callable[[], Any]:
+    """Start ``fn(model, tokenizer, *args)`` in the resident actor of ``model_cfg``, on its loaded
+    base model (work that reads the model without generating: a probe's features, an NLL), and
+    return a function that waits for its result. The caller works on meanwhile; nothing runs in
+    a thread of this process. ``fn`` is a module-level function and must leave the model as it
+    found it (see :meth:`ResidentGenerator.call`).
 
-    return _once_more_if_dead(lambda: ray.get(
-        _actor(model_cfg, torch_threads).call.remote(fn, torch_threads, *args)))
+    Failures are handled as in :func:`run` when the result is awaited: an error inside the actor
+    stops the actor and propagates; a dead actor is replaced once and the work repeated there,
+    unless the actor was stopped here in the meantime (:func:`release`: the run is ending).
+    """
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    actor = _actor(model_cfg, torch_threads)
+    ref = actor.call.remote(fn, torch_threads, *args)
+
+    def wait() -> Any:
+        try:
+            return ray.get(ref)
+        except RayTaskError:
+            release()
+            raise
+        except RayActorError:
+            if actor not in _ACTORS.values():  # released on purpose: no second attempt
+                raise
+            release()
+        return _once_more_if_dead(lambda: ray.get(
+            _actor(model_cfg, torch_threads).call.remote(fn, torch_threads, *args)))
+
+    return wait
 
 
 def _once_more_if_dead(request: Callable[[], Any]) -> Any:

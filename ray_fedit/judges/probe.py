@@ -196,6 +196,7 @@ class FeatureModel:
             self.model, self.tok = loaded
             self.device = self.model.device
         self.num_layers = int(self.model.config.num_hidden_layers)
+        self._shortened: bool | None = None  # whether hidden_states may stop early (checked once)
 
     def features(self, prompts: Sequence[str], responses: Sequence[str],
                  keys: Sequence[FeatureKey]) -> dict[FeatureKey, np.ndarray]:
@@ -237,18 +238,35 @@ class FeatureModel:
         """Hidden states ``0..deepest`` of a tokenized batch (state ``i`` is the input of decoder
         layer ``i``; state ``num_layers`` the normed output).
 
-        The pass skips the LM head and stops after decoder layer ``deepest`` (the decoder runs
-        its first ``config.num_hidden_layers`` layers, set for this call only), which halves the
-        judge's cost at the default layer; each layer reads only the ones before it, so the states
-        are those of a full pass, bitwise (``tests/unit/test_probe_features.py``).
+        The pass skips the LM head and stops after decoder layer ``deepest``: transformers'
+        Llama-style decoders run their first ``config.num_hidden_layers`` layers, which is set for
+        this call only. That halves the judge's cost at the default layer, and since each layer
+        reads only the ones before it, the states are those of a full pass, bitwise. The first
+        shortened pass of a model is checked against a full one; a model whose decoder does not
+        stop there (another architecture) gets full passes from then on, with a warning.
         """
+        if self._shortened is False:
+            return self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
         decoder = self.model.get_decoder()
         total = int(decoder.config.num_hidden_layers)
         decoder.config.num_hidden_layers = min(total, deepest + 1)
         try:
-            return decoder(**enc, output_hidden_states=True, use_cache=False).hidden_states
+            short = decoder(**enc, output_hidden_states=True, use_cache=False).hidden_states
         finally:
             decoder.config.num_hidden_layers = total
+        short = short[:deepest + 1]
+        if self._shortened is None:
+            import torch
+
+            full = self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
+            self._shortened = len(short) == len(full) and all(
+                torch.equal(a, b) for a, b in zip(short, full, strict=True))
+            if not self._shortened:
+                log.warning("probe judge: a shortened forward pass of %s gives other hidden "
+                            "states than a full one; using full passes (slower, same result)",
+                            type(self.model).__name__)
+                return full
+        return short
 
     def _head(self, text: str, n: int) -> str:
         """The first ``n`` tokens of ``text``, as text."""

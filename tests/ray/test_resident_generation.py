@@ -167,7 +167,7 @@ def test_an_evaluations_model_work_on_the_resident_actor_equals_the_ray_task(
         "evaluation.benchmarks=[{name: advbench, num_prompts: 4}]",
         "evaluation.judges=[rule,probe]", "evaluation.probe_model=tiny-random-llama",
         "evaluation.num_benign_prompts=3", "evaluation.bootstrap_samples=100",
-        "generation.max_new_tokens=6", "generation.batch_size=2", "generation.torch_threads=1",
+        "generation.max_new_tokens=6", "generation.batch_size=2", "generation.torch_threads=2",
         "generation.temperature=1.0"])
     benign = [make_record(f"Name color number {i}.", f"Color {i} is blue.", source="held_out")
               for i in range(3)]
@@ -199,3 +199,37 @@ def test_an_evaluations_model_work_on_the_resident_actor_equals_the_ray_task(
     _, adv, benign_rows = on_resident
     assert all("probe_refusal_prob" in r for r in adv) and len(adv) == 4
     assert all(r["nll"] is not None and r["nll"] > 0 for r in benign_rows)
+
+
+def _slow_answer():
+    """Work for the resident actor: wait, then read the model. Nested, so cloudpickle sends it
+    by value (the actor's process need not import this test module)."""
+
+    def answer(model, tokenizer, seconds):
+        import time
+
+        time.sleep(seconds)
+        return model.config.num_hidden_layers
+
+    return answer
+
+
+def test_submitted_work_is_repeated_on_a_fresh_actor_when_its_actor_dies(ray_session):
+    resident.release()
+    wait = resident.submit(TINY, 1, _slow_answer(), 2.0)
+    (actor,) = resident._ACTORS.values()
+    ray.kill(actor, no_restart=True)  # dies under the call, as a killed process would
+    assert wait() == 2  # the tiny model's layers, read on the actor that replaced it
+    (fresh,) = resident._ACTORS.values()
+    assert fresh != actor
+
+
+def test_work_on_an_actor_the_run_released_is_not_repeated(ray_session):
+    from ray.exceptions import RayActorError
+
+    resident.release()
+    wait = resident.submit(TINY, 1, _slow_answer(), 30.0)
+    resident.release()  # the run ends (an error elsewhere, Ctrl-C) while the work is out
+    with pytest.raises(RayActorError):
+        wait()
+    assert not resident._ACTORS  # no fresh actor was started for it
