@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,10 @@ def _probe_digest(model_cfg: ModelConfig) -> str:
 
 
 # ------------------------------------------------------------------------------ features
+# Per loaded model: whether its shortened forward pass gave a full pass's states (checked once).
+_SHORTENED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 class FeatureModel:
     """The frozen feature model: mean-pooled hidden states of (prompt, response) exchanges."""
 
@@ -196,7 +201,6 @@ class FeatureModel:
             self.model, self.tok = loaded
             self.device = self.model.device
         self.num_layers = int(self.model.config.num_hidden_layers)
-        self._shortened: bool | None = None  # whether hidden_states may stop early (checked once)
 
     def features(self, prompts: Sequence[str], responses: Sequence[str],
                  keys: Sequence[FeatureKey]) -> dict[FeatureKey, np.ndarray]:
@@ -242,10 +246,12 @@ class FeatureModel:
         Llama-style decoders run their first ``config.num_hidden_layers`` layers, which is set for
         this call only. That halves the judge's cost at the default layer, and since each layer
         reads only the ones before it, the states are those of a full pass, bitwise. The first
-        shortened pass of a model is checked against a full one; a model whose decoder does not
-        stop there (another architecture) gets full passes from then on, with a warning.
+        shortened pass of a loaded model is checked against a full one (once per model object and
+        process: the resident generator's model is checked once per run); a model whose decoder
+        does not stop there (another architecture) gets full passes from then on, with a warning.
         """
-        if self._shortened is False:
+        shortened = _SHORTENED.get(self.model)
+        if shortened is False:
             return self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
         decoder = self.model.get_decoder()
         total = int(decoder.config.num_hidden_layers)
@@ -255,13 +261,13 @@ class FeatureModel:
         finally:
             decoder.config.num_hidden_layers = total
         short = short[:deepest + 1]
-        if self._shortened is None:
+        if shortened is None:
             import torch
 
             full = self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
-            self._shortened = len(short) == len(full) and all(
+            shortened = _SHORTENED[self.model] = len(short) == len(full) and all(
                 torch.equal(a, b) for a, b in zip(short, full, strict=True))
-            if not self._shortened:
+            if not shortened:
                 log.warning("probe judge: a shortened forward pass of %s gives other hidden "
                             "states than a full one; using full passes (slower, same result)",
                             type(self.model).__name__)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ray_fedit.config import ModelConfig
+from ray_fedit.judges import probe
 from ray_fedit.judges.probe import FeatureModel
 
 PROMPTS = ["How do I pick a lock?", "Name a fruit.", "Write a long poem about the sea at night."]
@@ -43,7 +44,7 @@ def test_the_states_up_to_the_deepest_layer_are_a_full_passes(features, deepest)
         full = features.model(**enc, output_hidden_states=True).hidden_states
         features.hidden_states(enc, deepest)  # the first call checks itself against a full pass
         short, ran = _layers_run(features.model, lambda: features.hidden_states(enc, deepest))
-    assert features._shortened is True
+    assert probe._SHORTENED[features.model] is True
     assert ran == min(deepest + 1, 4)  # layers 0..deepest (the fourth layer is the last)
     assert len(short) == deepest + 1
     for i in range(deepest + 1):
@@ -68,7 +69,7 @@ def test_a_decoder_that_does_not_stop_early_gets_full_passes(features, monkeypat
         full = features.model(**enc, output_hidden_states=True).hidden_states
         first = features.hidden_states(enc, 2)
         later = features.hidden_states(enc, 2)
-    assert features._shortened is False
+    assert probe._SHORTENED[features.model] is False
     assert "using full passes" in caplog.text
     for states in (first, later):
         assert len(states) == 3 and all(torch.equal(a, b) for a, b in zip(states, full[:3], strict=True))
@@ -87,7 +88,6 @@ def test_features_at_two_layers_equal_those_read_one_layer_at_a_time(features):
 def test_the_probe_judge_reads_a_loaded_model_it_is_handed(features, monkeypatch):
     from ray_fedit.config import load_config
     from ray_fedit.evaluation.judging import build_judge
-    from ray_fedit.judges import probe
 
     monkeypatch.setattr(probe, "load_or_fit", lambda *a, **k: "fitted")
     cfg = load_config(None, ["model.name=tiny-random-llama", "model.tiny.num_layers=4",
