@@ -172,13 +172,13 @@ def test_an_evaluations_model_work_on_the_resident_actor_equals_the_ray_task(
     benign = [make_record(f"Name color number {i}.", f"Color {i} is blue.", source="held_out")
               for i in range(3)]
     calls: list[str] = []
-    real_call = resident.call
+    real_submit = resident.submit
 
     def spy(model_cfg, threads, fn, *args):
         calls.append(fn.__name__)
-        return real_call(model_cfg, threads, fn, *args)
+        return real_submit(model_cfg, threads, fn, *args)
 
-    monkeypatch.setattr(resident, "call", spy)
+    monkeypatch.setattr(resident, "submit", spy)
 
     def evaluate(name: str) -> tuple[dict, list, list]:
         out = tmp_path / name
