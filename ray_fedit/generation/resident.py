@@ -207,10 +207,12 @@ def submit(model_cfg: ModelConfig, torch_threads: int, fn: Callable[..., Any],
             release()
             raise
         except RayActorError:
-            if actor not in _ACTORS.values():  # released on purpose: no second attempt
+            # Released here on purpose (a safeguard: the caller waits before it releases), or
+            # replaced by another caller after it died: no second attempt from this waiter.
+            if actor not in _ACTORS.values():
                 raise
             release()
-        return _once_more_if_dead(lambda: ray.get(
+        return _last_attempt(lambda: ray.get(
             _actor(model_cfg, torch_threads).call.remote(fn, torch_threads, *args)))
 
     return wait
@@ -229,9 +231,17 @@ def _once_more_if_dead(request: Callable[[], Any]) -> Any:
         raise
     except RayActorError:
         release()
+    return _last_attempt(request)
+
+
+def _last_attempt(request: Callable[[], Any]) -> Any:
+    """``request()`` on a fresh actor; any failure stops the actor (a dead handle is not kept for
+    the run's next call) and propagates."""
+    from ray.exceptions import RayActorError, RayTaskError
+
     try:
         return request()
-    except RayTaskError:
+    except (RayTaskError, RayActorError):
         release()
         raise
 

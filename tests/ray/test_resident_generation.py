@@ -202,33 +202,50 @@ def test_an_evaluations_model_work_on_the_resident_actor_equals_the_ray_task(
 
 
 def _slow_answer():
-    """Work for the resident actor: wait, then read the model. Nested, so cloudpickle sends it
-    by value (the actor's process need not import this test module)."""
+    """Work for the resident actor: mark that it started, wait, then read the model. Nested, so
+    cloudpickle sends it by value (the actor's process need not import this test module)."""
 
-    def answer(model, tokenizer, seconds):
+    def answer(model, tokenizer, seconds, marker):
+        import pathlib
         import time
 
+        pathlib.Path(marker).touch()
         time.sleep(seconds)
         return model.config.num_hidden_layers
 
     return answer
 
 
-def test_submitted_work_is_repeated_on_a_fresh_actor_when_its_actor_dies(ray_session):
+def _wait_for(path, timeout_s=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_submitted_work_is_repeated_on_a_fresh_actor_when_its_actor_dies(ray_session, tmp_path):
     resident.release()
-    wait = resident.submit(TINY, 1, _slow_answer(), 2.0)
+    marker = tmp_path / "started"
+    wait = resident.submit(TINY, 1, _slow_answer(), 2.0, str(marker))
     (actor,) = resident._ACTORS.values()
-    ray.kill(actor, no_restart=True)  # dies under the call, as a killed process would
+    _wait_for(marker)  # the work is running on the actor
+    marker.unlink()
+    ray.kill(actor, no_restart=True)  # it dies under the call, as a killed process would
     assert wait() == 2  # the tiny model's layers, read on the actor that replaced it
+    assert marker.exists()  # the work ran again there
     (fresh,) = resident._ACTORS.values()
     assert fresh != actor
 
 
-def test_work_on_an_actor_the_run_released_is_not_repeated(ray_session):
+def test_work_on_an_actor_the_run_released_is_not_repeated(ray_session, tmp_path):
     from ray.exceptions import RayActorError
 
     resident.release()
-    wait = resident.submit(TINY, 1, _slow_answer(), 30.0)
+    marker = tmp_path / "started"
+    wait = resident.submit(TINY, 1, _slow_answer(), 30.0, str(marker))
+    _wait_for(marker)
     resident.release()  # the run ends (an error elsewhere, Ctrl-C) while the work is out
     with pytest.raises(RayActorError):
         wait()

@@ -55,10 +55,13 @@ def test_the_states_up_to_the_deepest_layer_are_a_full_passes(features, deepest)
 def test_a_decoder_that_does_not_stop_early_gets_full_passes(features, monkeypatch, caplog):
     real = features.model.get_decoder()
 
+    calls = []
+
     class NoisyDecoder:  # stands in for an architecture whose early stop changes the states
         config = real.config
 
         def __call__(self, **kw):
+            calls.append(1)
             out = real(**kw)
             out.hidden_states = tuple(h + 1.0 for h in out.hidden_states)
             return out
@@ -70,6 +73,7 @@ def test_a_decoder_that_does_not_stop_early_gets_full_passes(features, monkeypat
         first = features.hidden_states(enc, 2)
         later = features.hidden_states(enc, 2)
     assert probe._SHORTENED[features.model] is False
+    assert len(calls) == 1  # checked once; the later pass went straight to the full model
     assert "using full passes" in caplog.text
     for states in (first, later):
         assert len(states) == 3 and all(torch.equal(a, b) for a, b in zip(states, full[:3], strict=True))
