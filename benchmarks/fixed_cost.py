@@ -121,11 +121,11 @@ def quickstart(tree: Path, output_root: Path, env: dict[str, str]) -> tuple[floa
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
-    """Each finished stage's seconds, from ``RUN/stages/*.json``."""
-    out = {}
-    for path in sorted((run / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        out[path.stem] = float(json.loads(path.read_text())["seconds"])
-    return out
+    """Each finished stage's seconds, from ``RUN/stages/<stage>.json``, in pipeline order."""
+    from ray_fedit.pipeline import STAGES
+
+    return {stage: float(json.loads(path.read_text())["seconds"]) for stage in STAGES
+            if (path := run / "stages" / f"{stage}.json").is_file()}
 
 
 def same_outputs(a: Path, b: Path) -> list[str]:

@@ -195,33 +195,25 @@ def submit(model_cfg: ModelConfig, torch_threads: int, fn: Callable[..., Any],
     unless the actor was stopped here in the meantime (:func:`release`: the run is ending).
     """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     actor = _actor(model_cfg, torch_threads)
     ref = actor.call.remote(fn, torch_threads, *args)
-
-    def wait() -> Any:
-        try:
-            return ray.get(ref)
-        except RayTaskError:
-            release()
-            raise
-        except RayActorError:
-            # Released here on purpose (a safeguard: the caller waits before it releases), or
-            # replaced by another caller after it died: no second attempt from this waiter.
-            if actor not in _ACTORS.values():
-                raise
-            release()
-        return _last_attempt(lambda: ray.get(
-            _actor(model_cfg, torch_threads).call.remote(fn, torch_threads, *args)))
-
-    return wait
+    return lambda: _once_more_if_dead(
+        lambda: ray.get(ref),
+        again=lambda: ray.get(_actor(model_cfg, torch_threads).call.remote(fn, torch_threads,
+                                                                           *args)),
+        # Released here on purpose (a safeguard: the caller waits before it releases), or
+        # replaced by another caller after it died: no second attempt from this waiter.
+        abandoned=lambda: actor not in _ACTORS.values())
 
 
-def _once_more_if_dead(request: Callable[[], Any]) -> Any:
-    """``request()``, repeated once on a fresh actor if the actor died; an error raised inside
-    the actor stops the actor (a merge that failed halfway could leave adapter layers in its
-    model; the next request loads a fresh one) before it propagates."""
+def _once_more_if_dead(request: Callable[[], Any], *, again: Callable[[], Any] | None = None,
+                       abandoned: Callable[[], bool] = lambda: False) -> Any:
+    """``request()``, and if the actor died, ``again()`` (default: ``request()``) once on a fresh
+    actor, unless ``abandoned()``. An error raised inside the actor stops the actor (a merge that
+    failed halfway could leave adapter layers in its model; the next request loads a fresh one)
+    before it propagates; so does any failure of the second attempt (a dead handle is not kept
+    for the run's next call)."""
     from ray.exceptions import RayActorError, RayTaskError
 
     try:
@@ -230,17 +222,11 @@ def _once_more_if_dead(request: Callable[[], Any]) -> Any:
         release()
         raise
     except RayActorError:
+        if abandoned():
+            raise
         release()
-    return _last_attempt(request)
-
-
-def _last_attempt(request: Callable[[], Any]) -> Any:
-    """``request()`` on a fresh actor; any failure stops the actor (a dead handle is not kept for
-    the run's next call) and propagates."""
-    from ray.exceptions import RayActorError, RayTaskError
-
     try:
-        return request()
+        return (again or request)()
     except (RayTaskError, RayActorError):
         release()
         raise

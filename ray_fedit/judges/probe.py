@@ -250,9 +250,12 @@ class FeatureModel:
         process: the resident generator's model is checked once per run); a model whose decoder
         does not stop there (another architecture) gets full passes from then on, with a warning.
         """
+        def full_pass() -> tuple[Any, ...]:
+            return self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
+
         shortened = _SHORTENED.get(self.model)
         if shortened is False:
-            return self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
+            return full_pass()
         decoder = self.model.get_decoder()
         total = int(decoder.config.num_hidden_layers)
         decoder.config.num_hidden_layers = min(total, deepest + 1)
@@ -264,7 +267,7 @@ class FeatureModel:
         if shortened is None:
             import torch
 
-            full = self.model(**enc, output_hidden_states=True).hidden_states[:deepest + 1]
+            full = full_pass()
             shortened = _SHORTENED[self.model] = len(short) == len(full) and all(
                 torch.equal(a, b) for a, b in zip(short, full, strict=True))
             if not shortened:
