@@ -308,6 +308,30 @@ def pyrit_objective_rows() -> Iterator[tuple[str, int, dict[str, str]]]:
             yield path.stem, i, row
 
 
+def pyrit_harm_rows() -> Iterator[tuple[str, int, dict[str, str], float]]:
+    """``(file stem, row index, row, mean human harm score)`` of every row of pyrit's harm-scorer
+    evaluation set (``scorer_evals/harm``), file by file in name order.
+
+    The raters scored each response's harm on pyrit's 0-1 scale (0, 0.25, ..., 1); files with
+    several raters have ``human_score_1..3``, the others ``human_score`` or ``human_score_1``.
+
+    Raises:
+        DataError: a row with no score or one that is not a number in [0, 1] (file and row named).
+    """
+    folder = package_file("pyrit", "datasets/scorer_evals/harm/violence.csv").parent
+    for path in sorted(folder.glob("*.csv")):
+        for i, row in enumerate(_pyrit_scorer_rows(f"harm/{path.name}")):
+            raw = [v for k, v in row.items() if k and k.startswith("human_score") and v]
+            try:
+                scores = [float(v) for v in raw]
+            except ValueError:
+                scores = []
+            if not scores or not all(0.0 <= s <= 1.0 for s in scores):
+                raise DataError(f"{path}: data row {i + 1}: human scores must be numbers in "
+                                f"[0, 1], got {raw!r}")
+            yield path.stem, i, row, sum(scores) / len(scores)
+
+
 def _pyrit_objective_records(score: str, source: str) -> list[Record]:
     return [make_record(r["objective"], r["assistant_response"], source=source, is_harmful=True,
                         meta={"id": f"{category}:{i}", "category": category})

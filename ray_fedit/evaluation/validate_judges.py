@@ -12,8 +12,13 @@ The rule judge calls a response safe exactly when it is a refusal, so agreement 
 judge's ``refusal`` with ``human_score == 1``. The keyword list is the paper's, not tuned to this
 data.
 
-The probe judge (:mod:`ray_fedit.judges.probe`) is fit on pyrit's other refusal files and never
-on this one, so the same rows measure it.
+The probe judge (:mod:`ray_fedit.judges.probe`) is fit on pyrit's other refusal files (and on
+harm-scorer compliance) and never on this one, so the same rows measure it.
+
+A second held-out check (:func:`compliance_check`): pyrit's objective-scorer rows that human raters
+scored "objective achieved" (191 answers that do what a harmful or sensitive request asks). A
+refusal judge must read them as not refused; the share it reads as refused is safety it would
+report for compliance. Neither judge is fit on these rows.
 
 Run: ``python -m ray_fedit.evaluation.validate_judges`` (``--judge rule|probe|all``; ``--json`` for
 machine-readable output; ``--paper-keywords`` for the rule's list exactly as the paper's code ran
@@ -63,12 +68,22 @@ def load_refusal_labels(path: Path | None = None, *,
     return out
 
 
+def compliance_check(refused: Sequence[bool]) -> dict[str, Any]:
+    """``{"n", "read_as_refusal", "specificity"}`` of a judge's verdicts on compliant answers
+    (``specificity`` = share read as not refused; None for no rows)."""
+    n, wrong = len(refused), sum(bool(r) for r in refused)
+    return {"n": n, "read_as_refusal": wrong, "specificity": (n - wrong) / n if n else None}
+
+
 def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dict[str, Any]:
     """Run the rule judge on the labelled rows and compare with the human labels.
 
     Returns:
-        :func:`agreement`'s dict plus ``"disagreements"``: the rows the rule gets wrong.
+        :func:`agreement`'s dict plus ``"disagreements"``: the rows the rule gets wrong, and
+        (for pyrit's own file, ``path=None``) ``"compliance"``: :func:`compliance_check` on the
+        objective-achieved rows.
     """
+    from ray_fedit.judges.probe import compliance_check_rows
     from ray_fedit.judges.rule import PAPER_CODE_KEYWORDS, REFUSAL_KEYWORDS, judge
 
     rows = load_refusal_labels(path)
@@ -79,6 +94,12 @@ def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dic
     result = agreement(predicted, [r["refusal"] for r in rows])
     result["judge"] = "rule"
     result["keywords"] = "paper_code" if paper_keywords else "default"
+    if path is None:
+        complied = compliance_check_rows()
+        result["compliance"] = compliance_check(
+            [bool(v["refusal"]) for v in judge([r["objective"] for r in complied],
+                                               [r["response"] for r in complied],
+                                               keywords=keywords)])
     result["disagreements"] = [
         {"row": i, "human_refusal": r["refusal"], "rule_refusal": p, "matched": v["matched"],
          "objective": r["objective"][:80], "response": r["response"][:120]}
@@ -103,6 +124,13 @@ def _table(result: dict[str, Any]) -> str:
         f"{name} judge ({how}) vs pyrit refusal.csv human labels, n={result['n']}",
         f"accuracy {pct(result['accuracy'])}  precision {pct(result['precision'])}  "
         f"recall {pct(result['recall'])}  kappa {result['cohen_kappa']:.3f}",
+    ]
+    if "compliance" in result:
+        comp = result["compliance"]
+        lines.append(f"on pyrit's {comp['n']} human-labelled compliant answers (objective "
+                     f"achieved): {comp['read_as_refusal']} read as refusals, specificity "
+                     f"{pct(comp['specificity'])}")
+    lines += [
         "",
         "                    human refusal   human not refusal",
         f"{name + ' refusal':<19} {c['tp']:>13}   {c['fp']:>17}",

@@ -129,6 +129,14 @@ def test_rule_validation_on_pyrit_human_labels():
     assert c["tp"] == sum(p and r["refusal"] for p, r in zip(predicted, rows, strict=True))
     assert res["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / 105)
     assert len(res["disagreements"]) == c["fp"] + c["fn"]
+    # the compliance check: the objective-achieved answers the rule reads as refusals
+    from ray_fedit.judges.probe import compliance_check_rows
+
+    complied = compliance_check_rows()
+    wrong = sum(is_refusal(r["response"]) for r in complied)
+    assert res["compliance"] == {"n": 191, "read_as_refusal": wrong,
+                                 "specificity": (191 - wrong) / 191}
+    assert 0 < wrong < 191
 
 
 def test_validation_cli_prints_the_confusion_matrix():
@@ -137,6 +145,7 @@ def test_validation_cli_prints_the_confusion_matrix():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "n=105" in res.stdout and "rule refusal" in res.stdout and "accuracy" in res.stdout
+    assert "191 human-labelled compliant answers" in res.stdout
 
 
 @pytest.mark.parametrize("module", ["ray_fedit.evaluation", "ray_fedit.evaluation.stats",

@@ -62,11 +62,49 @@ def test_probe_layers_of_the_bundled_and_the_tiny_model():
 
 
 def test_training_rows_never_include_held_out_rows():
+    from ray_fedit.data.loaders import pyrit_objective_rows
+
     train, held_out = probe.labelled_splits()
-    assert len(held_out) == 105 and len(train) == 64 + 24 - 16
+    refusal_rows, harm_rows = train[:64 + 24 - 16], train[64 + 24 - 16:]
+    assert len(held_out) == 105 and len(harm_rows) == 413
     held = {(r["objective"], r["response"]) for r in held_out}
     assert not any((r["objective"], r["response"]) in held for r in train)
-    assert {r["refusal"] for r in train} == {True, False}
+    assert {r["refusal"] for r in refusal_rows} == {True, False}
+    assert not any(r["refusal"] for r in harm_rows)  # harmful answers are not refusals
+    # none of the project's pyrit pools nor the compliance check's rows is a training row
+    objective = {r["assistant_response"].strip() for _, _, r in pyrit_objective_rows()}
+    assert not any(r["response"].strip() in objective for r in train)
+    responses = [r["response"].strip() for r in harm_rows]
+    assert len(set(responses)) == len(responses)
+    complied = probe.compliance_check_rows()
+    assert len(complied) == 191 and not any(r["refusal"] for r in complied)
+
+
+def test_harm_rows_are_the_mean_of_their_raters_and_bad_scores_name_the_row(tmp_path, monkeypatch):
+    from ray_fedit.data import loaders
+    from ray_fedit.errors import DataError
+
+    folder = tmp_path / "harm"
+    folder.mkdir()
+    (folder / "violence.csv").write_text(
+        "# dataset_version=1.0\nobjective,assistant_response,human_score_1,human_score_2,data_type\n"
+        "q1,a1,0.25,0.75,text\nq2,a2,1,,text\n")
+    monkeypatch.setattr(loaders, "package_file", lambda pkg, rel: tmp_path / rel.split("scorer_evals/")[1])
+    rows = list(loaders.pyrit_harm_rows())
+    assert [(stem, i, r["objective"], harm) for stem, i, r, harm in rows] == [
+        ("violence", 0, "q1", 0.5), ("violence", 1, "q2", 1.0)]
+    (folder / "violence.csv").write_text(
+        "objective,assistant_response,human_score,data_type\nq1,a1,0.5,text\nq2,a2,high,text\n")
+    with pytest.raises(DataError, match=r"violence.csv: data row 2: .*\['high'\]"):
+        list(loaders.pyrit_harm_rows())
+
+
+def test_compliance_check_counts_answers_read_as_refusals():
+    from ray_fedit.evaluation.validate_judges import compliance_check
+
+    assert compliance_check([True, False, False, False]) == {
+        "n": 4, "read_as_refusal": 1, "specificity": 0.75}
+    assert compliance_check([])["specificity"] is None
 
 
 def test_cache_round_trip_is_exact(tmp_path):
@@ -109,3 +147,26 @@ def test_one_loaded_model_serves_the_judges_that_read_that_model(judges, overrid
     assert reads_loaded_model(cfg.evaluation.judges, cfg, cfg.model) is shared
     other = cfg.model.model_copy(update={"dtype": "bfloat16"})
     assert reads_loaded_model(cfg.evaluation.judges, cfg, other) is (judges == ["rule"])
+
+
+def test_row_weights_give_the_stationary_point_of_the_weighted_loss():
+    """x = [-1, 1] (already standardised), y = [0, 1], row weights a = 3, c = 1, L2 weight l.
+
+    Loss (a log(1 + e^(b - w)) + c log(1 + e^(-w - b))) / (a + c) + l w^2. With s0 = sigmoid(b - w)
+    and s1 = sigmoid(-w - b), the gradient is (a s0 - c s1) / (a + c) in b and
+    -(a s0 + c s1) / (a + c) + 2 l w in w; both vanish at the fit. The heavier class-0 row pulls
+    the bias below 0, which the unweighted fit keeps at 0.
+    """
+    a, c, l2 = 3.0, 1.0, 0.05
+    p = fit_logistic(np.array([[-1.0], [1.0]]), [False, True], l2, row_weights=[a, c])
+    w, b = float(p.weight[0]), p.bias
+
+    def sig(z: float) -> float:
+        return 1.0 / (1.0 + math.exp(-z))
+
+    s0, s1 = sig(b - w), sig(-w - b)
+    assert (a * s0 - c * s1) / (a + c) == pytest.approx(0.0, abs=1e-7)
+    assert -(a * s0 + c * s1) / (a + c) + 2 * l2 * w == pytest.approx(0.0, abs=1e-7)
+    assert b < -0.1
+    even = fit_logistic(np.array([[-1.0], [1.0]]), [False, True], l2, row_weights=[2.0, 2.0])
+    assert even.weight[0] == pytest.approx(_stationary_w(l2), rel=1e-6)
