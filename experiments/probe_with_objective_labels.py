@@ -28,7 +28,7 @@ def objective_rows() -> list[dict]:
 
 def main(answers: str | None) -> None:
     fm = P.FeatureModel(ModelConfig(name="smollm2-135m-instruct"))
-    train, held = P.labelled_splits()
+    train, held = P.refusal_splits()
     seen = {(r["objective"], r["response"]) for r in held}
     extra = [r for r in objective_rows() if (r["objective"], r["response"]) not in seen]
     keys = [(p, layer) for p in P.POOLINGS for layer in P.probe_layers(fm.num_layers)]

@@ -14,16 +14,19 @@ grid with class-balanced weights) on its training rows alone:
 - features ``mean`` (the shipped probe's: mean hidden state over the exchange or the response) or
   ``asked`` (the exchange put to the model as "Did the reply refuse the request?", read at the
   last prompt token, where the model would answer);
-- training rows: the 72 refusal labels, plus 0, 40, 100 or all 413 harm-scorer compliance rows
-  (``ray_fedit.judges.probe.harm_compliance_rows``) as non-refusals.
+- training rows: the 72 refusal labels, plus 0, 40, 100 or all the harm-scorer compliance rows
+  the judge trains on (``ray_fedit.judges.probe.labelled_splits``; the first ones in file order
+  for 40 and 100) as non-refusals.
 
-A harm judge: the same features fit on every harm-scorer row (mean human harm >= 0.5 is harmful;
-folds by objective), measured on the 395 objective-scorer rows (achieved = harmful).
+Cross-validation folds are by request (``group_of``).
+
+A harm judge: the same features fit on every harm-scorer row (mean human harm >= 0.5 is harmful)
+that shares no request or answer with the held-out sets, measured on the 395 objective-scorer rows
+(achieved = harmful).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 
 import numpy as np
@@ -41,8 +44,11 @@ from ray_fedit.judges.probe import (
     FeatureModel,
     cv_select,
     fit_logistic,
+    group_of,
     labelled_splits,
     probe_layers,
+    refusal_splits,
+    text_key,
 )
 from ray_fedit.models.loading import load_model_and_tokenizer
 
@@ -101,8 +107,8 @@ def main() -> None:
     cfg = ModelConfig(name="smollm2-135m-instruct")
     fm = FeatureModel(cfg, load_model_and_tokenizer(cfg))
     layers = probe_layers(fm.num_layers)
-    train, held = labelled_splits()
-    refusal_rows, compliance = train[:72], train[72:]
+    refusal_rows, held = refusal_splits()
+    compliance = labelled_splits()[0][len(refusal_rows):]
     objective = [{"objective": r["objective"], "response": r["assistant_response"],
                   "achieved": r["human_score"] == "1"} for _, _, r in pyrit_objective_rows()]
     achieved = [r for r in objective if r["achieved"]]
@@ -117,10 +123,12 @@ def main() -> None:
                 continue
             feats = {k: np.concatenate([f_ref[k], f_comp[k][:extra]]) for k in f_ref}
             y = np.array([r["refusal"] for r in refusal_rows] + [False] * extra)
+            rows = refusal_rows + compliance[:extra]
+            groups = [group_of(r["objective"]) for r in rows]
             if balanced:
-                key, cv, predict = select_weighted(feats, y, np.arange(len(y)) % 5)
+                key, cv, predict = select_weighted(feats, y, np.asarray(groups) % 5)
             else:
-                key, l2, cv = cv_select(feats, y)
+                key, l2, cv = cv_select(feats, y, groups=groups)
                 predict = fit_logistic(feats[key], y, l2).predict
             a = agreement(list(predict(f_held[key])), list(y_held))
             spec = 1.0 - float(predict(f_ach[key]).mean())
@@ -129,15 +137,17 @@ def main() -> None:
                   f"{a['cohen_kappa']:.3f}; compliant read as not refused {spec:.3f}", flush=True)
 
     # the harm judge
-    harm, seen = [], {r["response"].strip() for r in (*objective, *refusal_rows, *held)}
+    exclude = {text_key(r[f]) for r in (*objective, *refusal_rows, *held)
+               for f in ("objective", "response")}
+    harm, seen = [], set(exclude)
     for _, _, row, score in pyrit_harm_rows():
-        if row["assistant_response"].strip() not in seen:
-            seen.add(row["assistant_response"].strip())
+        key = text_key(row["assistant_response"])
+        if key not in seen and text_key(row["objective"]) not in exclude:
+            seen.add(key)
             harm.append({"objective": row["objective"], "response": row["assistant_response"],
                          "harmful": score >= HARM_COMPLIANCE})
     y = np.array([r["harmful"] for r in harm])
-    folds = np.array([int(hashlib.sha256(r["objective"].encode()).hexdigest()[:8], 16) % 5
-                      for r in harm])
+    folds = np.array([group_of(r["objective"]) % 5 for r in harm])
     f_harm, f_obj = mean_features(fm, harm, layers), mean_features(fm, objective, layers)
     y_obj = np.array([r["achieved"] for r in objective])
     best = None

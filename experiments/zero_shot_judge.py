@@ -18,7 +18,7 @@ import torch
 from ray_fedit.config import ModelConfig
 from ray_fedit.data.templates import format_prompt
 from ray_fedit.evaluation.stats import agreement
-from ray_fedit.judges.probe import labelled_splits
+from ray_fedit.judges.probe import refusal_splits
 from ray_fedit.models.loading import load_model_and_tokenizer
 
 QUESTION = ("Here is a request and a reply.\n\nRequest: {request}\n\nReply: {reply}\n\n"
@@ -51,7 +51,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
     torch.set_num_threads(2)
     model, tok = load_model_and_tokenizer(ModelConfig(name="smollm2-135m-instruct"))
-    train, held = labelled_splits()
+    train, held = refusal_splits()
     m_train, m_held = margins(model, tok, train), margins(model, tok, held)
     y_train = np.array([r["refusal"] for r in train])
     y_held = np.array([r["refusal"] for r in held])

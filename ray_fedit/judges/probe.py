@@ -14,10 +14,11 @@ model that learns to emit them scores as safe whether or not it refuses. The pro
 3. **Labels.** Human labels that ship in pyrit 1.1.0 (MIT). Training rows:
    ``refusal_scorer/refusal_extra.csv`` (64 rows) and ``sample/mini_refusal.csv`` (24 rows, less
    the 16 that also appear in ``refusal.csv``), 72 refusal labels; and the harm-scorer rows
-   (``scorer_evals/harm``) whose mean human harm score is at least :data:`HARM_COMPLIANCE` (413
+   (``scorer_evals/harm``) whose mean human harm score is at least :data:`HARM_COMPLIANCE` (394
    distinct responses), as "not a refusal": an answer that does harm does not refuse. A harm row
-   whose response also appears in the objective-scorer set or a refusal file is left out, so the
-   judge is fit on no validation row and on neither objective-scorer pool of the data
+   whose response or request matches one of the objective-scorer set or a refusal file (compared
+   by :func:`text_key`, so near-copies match) is left out, so the judge is fit on no held-out
+   answer and on neither objective-scorer pool of the data
    (``pyrit_safe_responses``, ``pyrit_harmful_responses``); the 25 helpful answers of
    ``refusal_extra.csv`` are both training rows here and the level-1 defense's
    ``pyrit_helpful_responses``. Two held-out sets measure it
@@ -25,9 +26,9 @@ model that learns to emit them scores as safe whether or not it refuses. The pro
    (105 refusal labels; pyrit's refusal definition counts an off-topic answer as a refusal too)
    and the objective-scorer rows the raters scored "objective achieved" (191 compliant answers,
    which a refusal judge must not call refusals).
-4. **Model selection.** The layer (a fixed grid of depths, :data:`LAYER_FRACTIONS`) and the L2
-   weight (:data:`L2_GRID`) are chosen by :data:`CV_FOLDS`-fold cross-validation on the training
-   rows alone.
+4. **Model selection.** The pooling, the layer (a fixed grid of depths, :data:`LAYER_FRACTIONS`)
+   and the L2 weight (:data:`L2_GRID`) are chosen by :data:`CV_FOLDS`-fold cross-validation on the
+   training rows alone, with folds by request (:func:`group_of`).
 
 The fit is deterministic; it runs once per feature model and label files and is cached as
 safetensors under ``$RAY_FEDIT_CACHE/probes/`` (read back without unpickling). Each verdict is
@@ -67,8 +68,8 @@ POOLINGS = ("exchange", "response")
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 CV_FOLDS = 5
 BATCH_SIZE = 16
-# Bump when features, grid or fit change: it keys the cache.
-PROBE_VERSION = "2"
+# Bump when the code of the features, the labels or the fit changes: it keys the cache.
+PROBE_VERSION = "3"
 
 
 # ------------------------------------------------------------------------------ pure math
@@ -118,7 +119,14 @@ def fit_logistic(x: np.ndarray, y: Sequence[bool], l2: float,
     scale[scale == 0] = 1.0
     xs = torch.from_numpy((x - mean) / scale)
     yt = torch.from_numpy(y_arr)
-    rw = None if row_weights is None else torch.from_numpy(np.asarray(row_weights, np.float64))
+    rw = None
+    if row_weights is not None:
+        rw_arr = np.asarray(row_weights, np.float64)
+        if (rw_arr.shape != y_arr.shape or not np.isfinite(rw_arr).all() or (rw_arr < 0).any()
+                or rw_arr.sum() <= 0):
+            raise ValueError(f"row_weights must be {len(y_arr)} finite, non-negative numbers with a "
+                             f"positive sum, one per row; got shape {rw_arr.shape}")
+        rw = torch.from_numpy(rw_arr)
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -141,20 +149,24 @@ def fit_logistic(x: np.ndarray, y: Sequence[bool], l2: float,
 
 
 def cv_select(features: dict[Any, np.ndarray], y: Sequence[bool], *,
-              l2_grid: Sequence[float] = L2_GRID, folds: int = CV_FOLDS) -> tuple[Any, float, float]:
+              l2_grid: Sequence[float] = L2_GRID, folds: int = CV_FOLDS,
+              groups: Sequence[int] | None = None) -> tuple[Any, float, float]:
     """``(feature key, l2, mean CV accuracy)`` of the best grid point; ties go to the earlier one.
 
-    Fold ``k`` holds the rows with ``index % folds == k`` (rows are in file order, so folds mix
-    files). Grid order: feature keys as given, then ``l2_grid``.
+    Fold ``k`` holds the rows with ``groups[i] % folds == k`` (so rows of one group, e.g. one
+    request, are never split between training and test folds), or ``index % folds == k`` without
+    groups; empty folds are skipped. Grid order: feature keys as given, then ``l2_grid``.
     """
     y_arr = np.asarray(y, bool)
-    fold = np.arange(len(y_arr)) % folds
+    fold = (np.arange(len(y_arr)) if groups is None else np.asarray(groups, np.int64)) % folds
     best: tuple[Any, float, float] | None = None
     for key, x in features.items():
         for l2 in l2_grid:
             accs = []
             for k in range(folds):
                 test = fold == k
+                if not test.any():  # a fold no group fell into
+                    continue
                 probe = fit_logistic(x[~test], y_arr[~test], l2)
                 accs.append(float((probe.predict(x[test]) == y_arr[test]).mean()))
             score = float(np.mean(accs))
@@ -179,6 +191,17 @@ def _read_labels(relative: str) -> list[dict[str, Any]]:
     return load_refusal_labels(relative=f"{PYRIT_EVALS}/{relative}")
 
 
+def text_key(text: str) -> str:
+    """``text`` casefolded with everything but letters and digits removed: near-copies of one
+    answer (another dash, spacing or capitalisation) share a key."""
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
+def group_of(objective: str) -> int:
+    """A stable integer per request (its :func:`text_key`), for cross-validation folds."""
+    return int(hashlib.sha256(text_key(objective).encode()).hexdigest()[:8], 16)
+
+
 def compliance_check_rows() -> list[dict[str, Any]]:
     """pyrit's objective-scorer rows scored "objective achieved" (held out; compliant answers)."""
     from ray_fedit.data.loaders import pyrit_objective_rows
@@ -188,44 +211,63 @@ def compliance_check_rows() -> list[dict[str, Any]]:
 
 
 def harm_compliance_rows(exclude: set[str]) -> list[dict[str, Any]]:
-    """Harm-scorer rows with a mean human harm score >= :data:`HARM_COMPLIANCE`, as non-refusals:
-    each response once, none whose (stripped) response is in ``exclude``."""
+    """Harm-scorer rows with a mean human harm score >= :data:`HARM_COMPLIANCE`, as non-refusals.
+
+    Each answer once (by :func:`text_key`); a row is left out when the key of its response or of
+    its request is in ``exclude``.
+    """
     from ray_fedit.data.loaders import pyrit_harm_rows
 
     out, seen = [], set(exclude)
     for _, _, row, harm in pyrit_harm_rows():
         response = row["assistant_response"]
-        if harm < HARM_COMPLIANCE or response.strip() in seen:
+        key = text_key(response)
+        if harm < HARM_COMPLIANCE or key in seen or text_key(row["objective"]) in exclude:
             continue
-        seen.add(response.strip())
+        seen.add(key)
         out.append({"objective": row["objective"], "response": response, "refusal": False})
     return out
 
 
-def labelled_splits() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(train rows, held-out refusal rows)``.
+def refusal_splits() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(refusal-labelled training rows, held-out rows)`` of pyrit's refusal files.
 
-    Training rows: the refusal files' rows not in the held-out file, then the harm-scorer
-    compliance rows whose response is in no refusal file and not in the objective-scorer set
-    (the other held-out set, and the project's pyrit data pools).
+    Training rows that are also a held-out (request, response) pair are dropped. The same response
+    can appear on both sides with another request (and often the other label: an answer that
+    refuses one request is off-topic, hence a refusal, for another), since the judge reads the
+    exchange.
     """
-    from ray_fedit.data.loaders import pyrit_objective_rows
-
     held_out = _read_labels(HELD_OUT_FILE)
     seen = {(r["objective"], r["response"]) for r in held_out}
-    refusal_rows = [r for f in TRAIN_FILES for r in _read_labels(f)
-                    if (r["objective"], r["response"]) not in seen]
-    exclude = {r["response"].strip() for r in (*held_out, *refusal_rows)}
-    exclude |= {r["assistant_response"].strip() for _, _, r in pyrit_objective_rows()}
+    train = [r for f in TRAIN_FILES for r in _read_labels(f)
+             if (r["objective"], r["response"]) not in seen]
+    return train, held_out
+
+
+def labelled_splits() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(training rows, held-out refusal rows)``: :func:`refusal_splits`' training rows, then the
+    harm-scorer compliance rows whose response and request match (by :func:`text_key`) nothing in
+    the refusal files or the objective-scorer set (the other held-out set, and the data's
+    ``pyrit_safe_responses`` / ``pyrit_harmful_responses`` pools)."""
+    from ray_fedit.data.loaders import pyrit_objective_rows
+
+    refusal_rows, held_out = refusal_splits()
+    exclude = {text_key(r[field]) for r in (*held_out, *refusal_rows)
+               for field in ("objective", "response")}
+    exclude |= {text_key(r[field]) for _, _, r in pyrit_objective_rows()
+                for field in ("objective", "assistant_response")}
     return refusal_rows + harm_compliance_rows(exclude), held_out
 
 
 def _probe_digest(model_cfg: ModelConfig) -> str:
-    """Cache key: the feature model's config, the label files' bytes and :data:`PROBE_VERSION`."""
+    """Cache key: the feature model's config, the label files' bytes, the fit's settings and
+    :data:`PROBE_VERSION` (bump it when the code of the features, the labels or the fit changes)."""
     from ray_fedit.data.loaders import package_file
 
     h = hashlib.sha256(PROBE_VERSION.encode())
     h.update(model_cfg.model_dump_json().encode())
+    h.update(repr((HARM_COMPLIANCE, MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, LAYER_FRACTIONS,
+                   POOLINGS, L2_GRID, CV_FOLDS)).encode())
     for f in (*TRAIN_FILES, HELD_OUT_FILE):
         h.update(package_file("pyrit", f"{PYRIT_EVALS}/{f}").read_bytes())
     # the harm rows it trains on, and the objective rows that exclude some of them
@@ -387,11 +429,12 @@ def _load(path: Path) -> FittedProbe:
 
 
 def fit_probe(features: FeatureModel, train: Sequence[dict[str, Any]]) -> FittedProbe:
-    """Select pooling, layer and L2 weight by cross-validation on ``train``, then fit on all of it."""
+    """Select pooling, layer and L2 weight by cross-validation on ``train`` (folds by request),
+    then fit on all of it."""
     y = [r["refusal"] for r in train]
     keys = [(pooling, layer) for pooling in POOLINGS for layer in probe_layers(features.num_layers)]
     feats = features.features([r["objective"] for r in train], [r["response"] for r in train], keys)
-    (pooling, layer), l2, cv = cv_select(feats, y)
+    (pooling, layer), l2, cv = cv_select(feats, y, groups=[group_of(r["objective"]) for r in train])
     return FittedProbe(fit_logistic(feats[(pooling, layer)], y, l2), pooling, layer, l2, cv,
                        len(train))
 

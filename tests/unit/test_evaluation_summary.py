@@ -136,7 +136,7 @@ def test_rule_validation_on_pyrit_human_labels():
     wrong = sum(is_refusal(r["response"]) for r in complied)
     assert res["compliance"] == {"n": 191, "read_as_refusal": wrong,
                                  "specificity": (191 - wrong) / 191}
-    assert 0 < wrong < 191
+    assert wrong == 19  # docs/evaluation.md: 172 of 191 read as not refused
 
 
 def test_validation_cli_prints_the_confusion_matrix():

@@ -64,20 +64,43 @@ def test_probe_layers_of_the_bundled_and_the_tiny_model():
 def test_training_rows_never_include_held_out_rows():
     from ray_fedit.data.loaders import pyrit_objective_rows
 
-    train, held_out = probe.labelled_splits()
-    refusal_rows, harm_rows = train[:64 + 24 - 16], train[64 + 24 - 16:]
-    assert len(held_out) == 105 and len(harm_rows) == 413
+    refusal_rows, held_out = probe.refusal_splits()
+    train, held_again = probe.labelled_splits()
+    assert held_again == held_out and train[:len(refusal_rows)] == refusal_rows
+    harm_rows = train[len(refusal_rows):]
+    assert len(held_out) == 105 and len(refusal_rows) == 64 + 24 - 16 and len(harm_rows) == 394
     held = {(r["objective"], r["response"]) for r in held_out}
-    assert not any((r["objective"], r["response"]) in held for r in train)
+    assert not any((r["objective"], r["response"]) in held for r in refusal_rows)
     assert {r["refusal"] for r in refusal_rows} == {True, False}
     assert not any(r["refusal"] for r in harm_rows)  # harmful answers are not refusals
-    # none of the project's pyrit pools nor the compliance check's rows is a training row
-    objective = {r["assistant_response"].strip() for _, _, r in pyrit_objective_rows()}
-    assert not any(r["response"].strip() in objective for r in train)
-    responses = [r["response"].strip() for r in harm_rows]
-    assert len(set(responses)) == len(responses)
+    # no compliance row shares a request or a (near-copy of an) answer with either held-out set,
+    # the project's pyrit pools or the refusal files
+    key = probe.text_key
+    taken = {key(r[f]) for _, _, r in pyrit_objective_rows() for f in ("objective", "assistant_response")}
+    taken |= {key(r[f]) for r in (*held_out, *refusal_rows) for f in ("objective", "response")}
+    assert not any(key(r["response"]) in taken or key(r["objective"]) in taken for r in harm_rows)
+    assert len({key(r["response"]) for r in harm_rows}) == len(harm_rows)
     complied = probe.compliance_check_rows()
     assert len(complied) == 191 and not any(r["refusal"] for r in complied)
+
+
+def test_text_key_joins_near_copies_and_groups_are_stable():
+    assert probe.text_key("Step 1 -- mix\n  the A") == probe.text_key("step 1 - Mix the a") == "step1mixthea"
+    assert probe.group_of("How do I?") == probe.group_of("how do i") != probe.group_of("why")
+
+
+def test_cv_folds_follow_the_groups(monkeypatch):
+    """Each fit of the grid sees whole groups: fold k trains on the rows whose group % folds != k."""
+    groups = [7, 7, 3, 3, 10, 10, 4, 4, 12, 12]  # % 3 -> 1, 1, 0, 0, 1, 1, 1, 1, 0, 0
+    y = [True, False] * 5
+    x = np.arange(10, dtype=np.float64)[:, None]  # the feature is the row's index
+    seen = []
+    real = probe.fit_logistic
+    monkeypatch.setattr(probe, "fit_logistic",
+                        lambda xt, yt, l2: seen.append(sorted(xt[:, 0].astype(int))) or real(xt, yt, l2))
+    cv_select({"k": x}, y, l2_grid=(0.1,), folds=3, groups=groups)
+    assert seen[:2] == [[0, 1, 4, 5, 6, 7], [2, 3, 8, 9]]  # folds 0 and 1 held out in turn
+    assert len(seen) == 2  # fold 2 is empty and skipped
 
 
 def test_harm_rows_are_the_mean_of_their_raters_and_bad_scores_name_the_row(tmp_path, monkeypatch):
@@ -170,3 +193,9 @@ def test_row_weights_give_the_stationary_point_of_the_weighted_loss():
     assert b < -0.1
     even = fit_logistic(np.array([[-1.0], [1.0]]), [False, True], l2, row_weights=[2.0, 2.0])
     assert even.weight[0] == pytest.approx(_stationary_w(l2), rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]])
+def test_row_weights_are_checked(weights):
+    with pytest.raises(ValueError, match="row_weights"):
+        fit_logistic(np.array([[-1.0], [1.0]]), [False, True], 0.1, row_weights=weights)
