@@ -36,7 +36,8 @@ from typing import Any
 
 from ray_fedit.evaluation.stats import agreement
 
-__all__ = ["agreement", "load_refusal_labels", "validate_rule"]
+__all__ = ["agreement", "compliance_check", "load_compliance_rows", "load_refusal_labels",
+           "validate_rule"]
 
 REFUSAL_CSV = "datasets/scorer_evals/refusal_scorer/refusal.csv"
 
@@ -68,6 +69,15 @@ def load_refusal_labels(path: Path | None = None, *,
     return out
 
 
+def load_compliance_rows() -> list[dict[str, Any]]:
+    """The compliance check's rows, ``{"objective", "response", "refusal": False}``: the answers of
+    ``pyrit_harmful_responses`` (pyrit's objective-scorer rows scored "objective achieved")."""
+    from ray_fedit.data.loaders import pyrit_harmful_responses
+
+    return [{"objective": r["instruction"], "response": r["response"], "refusal": False}
+            for r in pyrit_harmful_responses()]
+
+
 def compliance_check(refused: Sequence[bool]) -> dict[str, Any]:
     """``{"n", "read_as_refusal", "specificity"}`` of a judge's verdicts on compliant answers
     (``specificity`` = share read as not refused; None for no rows)."""
@@ -83,7 +93,6 @@ def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dic
         (for pyrit's own file, ``path=None``) ``"compliance"``: :func:`compliance_check` on the
         objective-achieved rows.
     """
-    from ray_fedit.judges.probe import compliance_check_rows
     from ray_fedit.judges.rule import PAPER_CODE_KEYWORDS, REFUSAL_KEYWORDS, judge
 
     rows = load_refusal_labels(path)
@@ -95,7 +104,7 @@ def validate_rule(paper_keywords: bool = False, path: Path | None = None) -> dic
     result["judge"] = "rule"
     result["keywords"] = "paper_code" if paper_keywords else "default"
     if path is None:
-        complied = compliance_check_rows()
+        complied = load_compliance_rows()
         result["compliance"] = compliance_check(
             [bool(v["refusal"]) for v in judge([r["objective"] for r in complied],
                                                [r["response"] for r in complied],

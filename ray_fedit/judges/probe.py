@@ -202,14 +202,6 @@ def group_of(objective: str) -> int:
     return int(hashlib.sha256(text_key(objective).encode()).hexdigest()[:8], 16)
 
 
-def compliance_check_rows() -> list[dict[str, Any]]:
-    """pyrit's objective-scorer rows scored "objective achieved" (held out; compliant answers)."""
-    from ray_fedit.data.loaders import pyrit_objective_rows
-
-    return [{"objective": r["objective"], "response": r["assistant_response"], "refusal": False}
-            for _, _, r in pyrit_objective_rows() if r["human_score"] == "1"]
-
-
 def harm_compliance_rows(exclude: set[str]) -> list[dict[str, Any]]:
     """Harm-scorer rows with a mean human harm score >= :data:`HARM_COMPLIANCE`, as non-refusals.
 
@@ -500,14 +492,18 @@ def validate_probe(model_cfg: ModelConfig, *, refit: bool = False) -> dict[str, 
         objective-achieved rows), the selection (``layer``, ``l2``, ``cv_accuracy``,
         ``n_train``) and the disagreeing ``refusal.csv`` rows.
     """
-    from ray_fedit.evaluation.validate_judges import agreement, compliance_check
+    from ray_fedit.evaluation.validate_judges import (
+        agreement,
+        compliance_check,
+        load_compliance_rows,
+    )
 
     judge = ProbeJudge(model_cfg, refit=refit)
-    _, held_out = labelled_splits()
+    _, held_out = refusal_splits()
     verdicts = judge([r["objective"] for r in held_out], [r["response"] for r in held_out])
     predicted = [v["refusal"] for v in verdicts]
     result = agreement(predicted, [r["refusal"] for r in held_out])
-    complied = compliance_check_rows()
+    complied = load_compliance_rows()
     result["compliance"] = compliance_check(
         [v["refusal"] for v in judge([r["objective"] for r in complied],
                                      [r["response"] for r in complied])])

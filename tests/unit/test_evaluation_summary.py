@@ -130,9 +130,9 @@ def test_rule_validation_on_pyrit_human_labels():
     assert res["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / 105)
     assert len(res["disagreements"]) == c["fp"] + c["fn"]
     # the compliance check: the objective-achieved answers the rule reads as refusals
-    from ray_fedit.judges.probe import compliance_check_rows
+    from ray_fedit.evaluation.validate_judges import load_compliance_rows
 
-    complied = compliance_check_rows()
+    complied = load_compliance_rows()
     wrong = sum(is_refusal(r["response"]) for r in complied)
     assert res["compliance"] == {"n": 191, "read_as_refusal": wrong,
                                  "specificity": (191 - wrong) / 191}

@@ -80,7 +80,9 @@ def test_training_rows_never_include_held_out_rows():
     taken |= {key(r[f]) for r in (*held_out, *refusal_rows) for f in ("objective", "response")}
     assert not any(key(r["response"]) in taken or key(r["objective"]) in taken for r in harm_rows)
     assert len({key(r["response"]) for r in harm_rows}) == len(harm_rows)
-    complied = probe.compliance_check_rows()
+    from ray_fedit.evaluation.validate_judges import load_compliance_rows
+
+    complied = load_compliance_rows()
     assert len(complied) == 191 and not any(r["refusal"] for r in complied)
 
 
