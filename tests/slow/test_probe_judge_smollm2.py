@@ -40,8 +40,9 @@ def test_probe_judge_agrees_with_held_out_human_labels(tmp_path, monkeypatch):
     assert c["tp"] >= 45  # the accuracy bound also rules out a judge that never says "refusal"
 
     # the probe is not the keyword rule: it disagrees with the rule where the humans side with it
-    rule = [is_refusal(r["response"]) for r in held_out]
-    judged = probe.ProbeJudge(ModelConfig(name=BUNDLED_MODEL))([r["objective"] for r in held_out],
-                                                                [r["response"] for r in held_out])
-    fixed = sum(v["refusal"] == r["refusal"] != k for v, r, k in zip(judged, held_out, rule, strict=True))
+    # (the probe's verdict on a held-out row is the human label unless the row is a disagreement)
+    wrong = {d["row"] for d in result["disagreements"]}
+    assert all(d["refusal"] != held_out[d["row"]]["refusal"] for d in result["disagreements"])
+    fixed = sum(i not in wrong and r["refusal"] != is_refusal(r["response"])
+                for i, r in enumerate(held_out))
     assert fixed >= 10
